@@ -35,13 +35,11 @@ from .pair import (
     missing_images,
 )
 
-NAME = "pfwillow"
+NAME = "pf-willow"
 SPLITS = ("test",)
 N_KPS = 10
-HEADER = (
-    ["imageA", "imageB"]
-    + [f"{axis}{side}{k}" for side, axis in (("A", "X"), ("A", "Y"), ("B", "X"), ("B", "Y")) for k in range(1, N_KPS + 1)]
-)
+_BLOCKS = ("XA", "YA", "XB", "YB")
+HEADER = ["imageA", "imageB"] + [f"{block}{k}" for block in _BLOCKS for k in range(1, N_KPS + 1)]
 _LAYOUT = "test_pairs.csv and PF-WILLOW/<subclass>/<image>.png under the root"
 
 

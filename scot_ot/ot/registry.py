@@ -60,3 +60,15 @@ def get_solver(name: str) -> Solver:
             f"solver: unknown solver {name!r}; available: {', '.join(available_solvers())}"
         )
     return _REGISTRY[name]()
+
+
+def solver_table(names: List[str]) -> str:
+    """Markdown table of the solvers' capabilities (the README's solver table)."""
+    rows = ["| solver | domain | balanced / unbalanced | devices | exact or entropic | batches | what it is |",
+            "|---|---|---|---|---|---|---|"]
+    for name in names:
+        i = get_solver(name).info
+        kind = "balanced, unbalanced (KL), semi-relaxed" if i.unbalanced else "balanced"
+        rows.append(f"| `{name}` | {i.domain} | {kind} | {i.devices} | "
+                    f"{'exact' if i.exact else 'entropic'} | {i.batched} | {i.summary} |")
+    return "\n".join(rows)

@@ -1,0 +1,193 @@
+"""The SCOT pipeline: two images in, dense correspondences out.
+
+1. both images resized so that the longest side is ``image_side``;
+2. hyperpixel features and CAM weights (:mod:`.hyperpixels`), marginals
+   ``a = w_s / sum w_s``, ``b = w_t / sum w_t``;
+3. cost ``C_ij = 1 - max(cos(x_i, y_j), 0)`` between L2-normalised hyperpixels;
+4. an OT plan from any registered solver (:func:`scot_ot.solve`);
+5. scores ``V = (N_s * P)_+ ^ exponent``, then regularised Hough matching
+   (:mod:`.rhm`);
+6. per source hyperpixel, the target of highest score; keypoints are
+   transferred through those matches (:mod:`.transfer`).
+
+SCOT's official code runs **one** Sinkhorn iteration (``niter=1``) with eps 0.05
+(its paper states 50 iterations): the defaults ``solver="pot-sinkhorn"``,
+``max_iter=1`` reproduce the code; raise ``max_iter`` (and set ``tol``) to solve
+the OT problem to convergence.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..ot import OTResult, get_solver, solve
+from .hyperpixels import HyperpixelExtractor, Hyperpixels
+from .image import ImageError, ImageLike, load_image, resize_longest
+from .rhm import regularized_hough_matching
+from .transfer import transfer_keypoints
+
+#: the smallest image side (after resizing) the stride-32 backbones accept
+MIN_SIDE = 32
+
+
+def cosine_cost(src: torch.Tensor, trg: torch.Tensor) -> torch.Tensor:
+    """``C_ij = 1 - max(<x_i, y_j>, 0)`` for L2-normalised rows; values in [0, 1]."""
+    return 1.0 - (src @ trg.T).clamp_min(0.0)  # (N, M)
+
+
+@dataclass(frozen=True)
+class Correspondence:
+    """Dense matches between two images.
+
+    ``plan`` (N, M) is the OT plan; ``scores`` (N, M) the post-processed and
+    RHM-rescored plan; ``matches`` (N,) the best target hyperpixel of each source
+    hyperpixel and ``confidences`` (N,) its score. Coordinates of boxes/centres are
+    in resized pixels; :meth:`transfer` works in original pixels.
+    """
+
+    src: Hyperpixels
+    trg: Hyperpixels
+    plan: torch.Tensor
+    scores: torch.Tensor
+    matches: torch.Tensor
+    confidences: torch.Tensor
+    ot: OTResult
+    timings: Dict[str, float] = field(default_factory=dict)
+
+    def transfer(self, keypoints) -> torch.Tensor:
+        """Map (K, 2) xy keypoints of the original source image to the original target image."""
+        kps = torch.as_tensor(keypoints, dtype=torch.float32)
+        if kps.dim() != 2 or kps.shape[1] != 2:
+            raise ValueError(f"keypoints: expected shape (K, 2), got {tuple(kps.shape)}")
+        if not bool(torch.isfinite(kps).all()):
+            raise ValueError("keypoints: contain NaN or inf")
+        sx, sy = self.src.scale
+        W, H = self.src.size
+        size = torch.tensor([W / sx, H / sy])
+        if bool(((kps < 0) | (kps > size)).any()):
+            raise ValueError(
+                f"keypoints: outside the source image of size {W / sx:.0f} x {H / sy:.0f} (W x H)"
+            )
+        src_scale = torch.tensor(self.src.scale)
+        trg_scale = torch.tensor(self.trg.scale)
+        moved = transfer_keypoints(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(),
+                                   self.matches.cpu())
+        return moved / trg_scale
+
+
+class SCOT:
+    """Semantic correspondence by optimal transport, with the OT solver chosen by name.
+
+    Parameters
+    ----------
+    backbone : name from :func:`scot_ot.features.available_backbones`.
+    layers : hyperpixel layer ids; None takes the backbone's preset.
+    weights : checkpoint path for backbones without embedded weights.
+    solver, eps, max_iter, tol, check_every, reg_m : passed to :func:`scot_ot.solve`
+        (``max_iter=1`` with ``pot-sinkhorn`` is SCOT's official setting).
+    solver_options : extra options of the chosen solver.
+    use_cam : CAM-weighted marginals (else uniform).
+    rhm : apply regularised Hough matching.
+    exponent : scores are ``(N_s * P)_+ ** exponent`` (0.5 PF-PASCAL/WILLOW, 1 SPair).
+    image_side : longest image side after resizing.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet-lite0",
+        layers: Optional[Sequence[int]] = None,
+        weights: Optional[str] = None,
+        device: str = "cpu",
+        solver: str = "pot-sinkhorn",
+        eps: float = 0.05,
+        max_iter: int = 1,
+        tol: float = 1e-6,
+        check_every: int = 10,
+        reg_m=None,
+        solver_options: Optional[dict] = None,
+        use_cam: bool = True,
+        rhm: bool = True,
+        exponent: float = 0.5,
+        image_side: int = 300,
+    ):
+        from ..features import get_backbone
+
+        get_solver(solver)  # fail early on an unknown name
+        if exponent <= 0:
+            raise ValueError(f"exponent: must be > 0, got {exponent!r}")
+        self.device = torch.device(device)
+        self.backbone = get_backbone(backbone, weights=weights, device=self.device)
+        self.extractor = HyperpixelExtractor(
+            self.backbone, layers if layers is not None else self.backbone.default_layers, use_cam
+        )
+        self.ot_args = dict(solver=solver, eps=eps, max_iter=max_iter, tol=tol,
+                            check_every=check_every, reg_m=reg_m, **(solver_options or {}))
+        self.rhm = rhm
+        self.exponent = exponent
+        self.image_side = image_side
+
+    def with_solver(self, solver: str, **ot_args) -> "SCOT":
+        """A copy that shares this model's backbone and features but solves OT differently.
+
+        ``ot_args`` override any of ``eps, max_iter, tol, check_every, reg_m`` and the
+        solver's own options.
+        """
+        get_solver(solver)
+        other = copy.copy(self)
+        other.ot_args = {**self.ot_args, "solver": solver, **ot_args}
+        return other
+
+    # ------------------------------------------------------------------ stages
+    def prepare(self, image: ImageLike, name: str = "image") -> Tuple[torch.Tensor, Tuple[float, float]]:
+        """Load and resize one image: (3, H, W) on the device, and its scale."""
+        img = load_image(image, name)
+        small, scale = resize_longest(img, self.image_side)
+        if min(small.shape[-2:]) < MIN_SIDE:
+            raise ImageError(
+                f"{name}: image of size {img.shape[2]} x {img.shape[1]} is too small or too elongated: "
+                f"after resizing to {self.image_side} px its short side is {min(small.shape[-2:])} px, "
+                f"the network needs at least {MIN_SIDE}"
+            )
+        return small.to(self.device), scale
+
+    def hyperpixels(self, image: ImageLike, name: str = "image", mask=None) -> Hyperpixels:
+        img, scale = self.prepare(image, name)
+        if mask is not None:
+            mask = torch.as_tensor(mask, dtype=torch.float32)[None, None]
+            mask = torch.nn.functional.interpolate(mask, size=img.shape[-2:], mode="nearest")[0, 0]
+        return self.extractor(img, scale, mask=None if mask is None else mask.to(self.device))
+
+    def match_hyperpixels(self, src: Hyperpixels, trg: Hyperpixels) -> Correspondence:
+        """OT + post-processing + RHM on two images' hyperpixels."""
+        timings = {}
+        t = time.perf_counter()
+        C = cosine_cost(src.feats, trg.feats)  # (N, M)
+        timings["cost"] = time.perf_counter() - t
+        a = src.weights / src.weights.sum()
+        b = trg.weights / trg.weights.sum()
+        t = time.perf_counter()
+        res = solve(C, a.to(C), b.to(C), **self.ot_args)
+        plan = res.plan
+        timings["ot"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = (plan * len(src)).clamp_min(0.0).pow(self.exponent)  # (N, M)
+        if self.rhm:
+            scores = regularized_hough_matching(scores, src.centres, trg.centres, src.size, trg.size)
+        confidences, matches = scores.max(dim=1)
+        timings["rhm"] = time.perf_counter() - t
+        return Correspondence(src, trg, plan, scores, matches, confidences, res, timings)
+
+    def match(self, src: ImageLike, trg: ImageLike, src_mask=None, trg_mask=None) -> Correspondence:
+        """Dense correspondences from ``src`` to ``trg`` (paths, PIL images or tensors)."""
+        t = time.perf_counter()
+        hs = self.hyperpixels(src, "src", src_mask)
+        ht = self.hyperpixels(trg, "trg", trg_mask)
+        t_feat = time.perf_counter() - t
+        corr = self.match_hyperpixels(hs, ht)
+        corr.timings["features"] = t_feat
+        return corr
