@@ -36,39 +36,48 @@ def gaussian_filter(side: int = 7) -> torch.Tensor:
 def hough_bins(
     src_centres: torch.Tensor,
     trg_centres: torch.Tensor,
+    src_grid: Tuple[int, int],
+    trg_grid: Tuple[int, int],
     src_size: Tuple[int, int],
     trg_size: Tuple[int, int],
     ncells: int = 8192,
 ) -> Tuple[torch.Tensor, int, int]:
-    """Flat Hough-cell index of every offset (N, M), and the grid size (ny, nx).
+    """Flat Hough-cell index of every offset (N, M), and the Hough grid size (ny, nx).
 
-    ``src_size``/``trg_size`` are (W, H); centres are (N, 2)/(M, 2) xy pixels.
+    Centres (N, 2)/(M, 2) xy lie on row-major (h, w) grids, so the cell of an offset
+    is ``row(y_i, y_j) * nx + col(x_i, x_j)``: two small tables, one broadcast add.
+    ``src_size``/``trg_size`` are image (W, H).
     """
     hs_w = src_size[0] + trg_size[0]
     hs_h = src_size[1] + trg_size[1]
     cell = math.sqrt(hs_w * hs_h / ncells)
     nx, ny = int(hs_w / cell) + 1, int(hs_h / cell) + 1
-    ref = torch.tensor(src_size, dtype=src_centres.dtype, device=src_centres.device)
-    off = (ref - src_centres)[:, None, :] + trg_centres[None, :, :]  # (N, M, 2)
-    ij = torch.div(off, cell, rounding_mode="floor").long()
-    ij[..., 0].clamp_(0, nx - 1)
-    ij[..., 1].clamp_(0, ny - 1)
-    return ij[..., 1] * nx + ij[..., 0], ny, nx  # (N, M)
+    (hs, ws), (ht, wt) = src_grid, trg_grid
+    sx, sy = src_centres[:ws, 0], src_centres[::ws, 1]  # (ws,), (hs,)
+    tx, ty = trg_centres[:wt, 0], trg_centres[::wt, 1]  # (wt,), (ht,)
+    col = torch.div(src_size[0] - sx[:, None] + tx[None, :], cell, rounding_mode="floor")  # (ws, wt)
+    row = torch.div(src_size[1] - sy[:, None] + ty[None, :], cell, rounding_mode="floor")  # (hs, ht)
+    col = col.long().clamp_(0, nx - 1)
+    row = row.long().clamp_(0, ny - 1) * nx
+    bins = row[:, None, :, None] + col[None, :, None, :]  # (hs, ws, ht, wt)
+    return bins.reshape(hs * ws, ht * wt), ny, nx
 
 
 def regularized_hough_matching(
     votes: torch.Tensor,
     src_centres: torch.Tensor,
     trg_centres: torch.Tensor,
+    src_grid: Tuple[int, int],
+    trg_grid: Tuple[int, int],
     src_size: Tuple[int, int],
     trg_size: Tuple[int, int],
     ncells: int = 8192,
     filter_side: int = 7,
 ) -> torch.Tensor:
     """Rescore the (N, M) match scores ``votes`` by smoothed Hough consensus."""
-    bins, ny, nx = hough_bins(src_centres, trg_centres, src_size, trg_size, ncells)
+    bins, ny, nx = hough_bins(src_centres, trg_centres, src_grid, trg_grid, src_size, trg_size, ncells)
     space = torch.zeros(ny * nx, dtype=votes.dtype, device=votes.device)
     space.index_add_(0, bins.reshape(-1), votes.reshape(-1))
     kernel = gaussian_filter(filter_side).to(votes)
     space = F.conv2d(space.view(1, 1, ny, nx), kernel[None, None], padding=filter_side // 2)
-    return votes * space.view(-1)[bins]  # (N, M)
+    return votes * torch.take(space.view(-1), bins)  # (N, M)

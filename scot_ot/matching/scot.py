@@ -177,7 +177,8 @@ class SCOT:
         t = time.perf_counter()
         scores = (plan * len(src)).clamp_min(0.0).pow(self.exponent)  # (N, M)
         if self.rhm:
-            scores = regularized_hough_matching(scores, src.centres, trg.centres, src.size, trg.size)
+            scores = regularized_hough_matching(scores, src.centres, trg.centres, src.grid, trg.grid,
+                                                    src.size, trg.size)
         confidences, matches = scores.max(dim=1)
         timings["rhm"] = time.perf_counter() - t
         return Correspondence(src, trg, plan, scores, matches, confidences, res, timings)
