@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -58,10 +59,16 @@ def run_match(model, src, trg, out: str, src_kps=None, gt_kps=None, title: str =
     """Match, transfer keypoints, draw, and return a summary dict."""
     from .plotting import plot_matches
 
-    corr = model.match(src, trg)
+    from .matching.image import load_image
+    from .matching.scot import check_keypoints
+
+    src_full, trg_full = load_image(src, "src"), load_image(trg, "trg")
+    if src_kps is not None:  # fail before any computation
+        check_keypoints(src_kps, src_full.shape[2], src_full.shape[1])
+    corr = model.match(src_full, trg_full)
     pred = corr.transfer(src_kps) if src_kps is not None else None
-    src_img, _ = model.prepare(src, "src")
-    trg_img, _ = model.prepare(trg, "trg")
+    src_img, _ = model.prepare(src_full, "src")
+    trg_img, _ = model.prepare(trg_full, "trg")
     res = corr.ot
     summary = {
         "src_hyperpixels": len(corr.src), "trg_hyperpixels": len(corr.trg),
@@ -147,6 +154,141 @@ def cmd_solvers(args) -> int:
     return 0
 
 
+def _solver_list(text: str) -> List[str]:
+    """Comma-separated solver names, validated against the registry (before any computation)."""
+    from .ot import get_solver
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError("--solvers: give at least one solver name")
+    dup = sorted({s for s in names if names.count(s) > 1})
+    if dup:
+        raise ValueError(f"--solvers: repeated name(s) {', '.join(dup)}")
+    for s in names:
+        get_solver(s)
+    return names
+
+
+def _read_mask(path: str) -> np.ndarray:
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--masks: no such file: {p}")
+    with Image.open(p) as im:
+        return np.asarray(im.convert("L")) > 0
+
+
+def _check_inside(kps: torch.Tensor, img: torch.Tensor, name: str) -> None:
+    H, W = img.shape[-2:]
+    if bool(((kps < 0) | (kps > torch.tensor([W, H]))).any()):
+        raise ValueError(f"{name}: keypoints outside the image of size {W} x {H} (W x H)")
+
+
+def cmd_diagnose(args) -> int:
+    """Many-to-one and background diagnostics of several solvers on one image pair.
+
+    Features (and the CAM) are computed once and shared by every solver. Everything
+    is computed in a staging folder beside ``--out`` and moved into ``--out`` only
+    when all solvers have succeeded, so a failure leaves nothing half-written.
+    """
+    import dataclasses
+    import shutil
+    import tempfile
+
+    from .diagnostics import cam_foreground, diagnose, keypoint_foreground, mask_foreground
+    from .evaluation.pck import pck_per_pair
+    from .evaluation.run import versions, write_json
+    from .matching.image import load_image
+    from .plotting import plot_background_matches, plot_in_degree, plot_matches
+
+    solvers = _solver_list(args.solvers)
+    src_kps = read_keypoints(args.keypoints) if args.keypoints else None
+    trg_kps = read_keypoints(args.trg_keypoints) if args.trg_keypoints else None
+    if src_kps is not None and trg_kps is not None and src_kps.shape != trg_kps.shape:
+        raise ValueError(f"--keypoints {tuple(src_kps.shape)} and --trg-keypoints "
+                         f"{tuple(trg_kps.shape)} must hold the same number of points")
+    masks = [_read_mask(m) for m in args.masks] if args.masks else None
+    src_full, trg_full = load_image(args.src, "src"), load_image(args.trg, "trg")
+    if src_kps is not None:
+        _check_inside(src_kps, src_full, "--keypoints")
+    if trg_kps is not None:
+        _check_inside(trg_kps, trg_full, "--trg-keypoints")
+
+    # the CAM is always computed (it defines the default foreground); --no-cam only
+    # makes the marginals uniform
+    model = build_model(argparse.Namespace(**{**vars(args), "no_cam": False}), solvers[0])
+    hs, ht = model.hyperpixels(src_full, "src"), model.hyperpixels(trg_full, "trg")
+    if args.no_cam:
+        hs = dataclasses.replace(hs, weights=torch.ones_like(hs.weights))
+        ht = dataclasses.replace(ht, weights=torch.ones_like(ht.weights))
+    if masks is not None:
+        fg = mask_foreground(hs, ht, *masks)
+    elif src_kps is not None and trg_kps is not None:
+        fg = keypoint_foreground(hs, ht, src_kps, trg_kps, args.margin)
+    else:
+        fg = cam_foreground(hs, ht, args.cam_threshold)
+    src_img = model.prepare(src_full, "src")[0].cpu()
+    trg_img = model.prepare(trg_full, "trg")[0].cpu()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        table = {}
+        for s in solvers:
+            corr = model.with_solver(s).match_hyperpixels(hs, ht)
+            d = diagnose(corr, fg)
+            d["match_time_s"] = float(sum(corr.timings.values()))
+            pred = corr.transfer(src_kps) if src_kps is not None else None
+            if pred is not None and trg_kps is not None:
+                span = (trg_kps.max(0).values - trg_kps.min(0).values).max()
+                d["pck@0.1"] = pck_per_pair(pred, trg_kps, float(span), (0.1,))[0.1]
+            label = f"{s}, {corr.ot.n_iters} it."
+            plot_matches(corr, src_img, trg_img, stage / s / "matches.png", src_kps=src_kps,
+                         pred_kps=pred, gt_kps=trg_kps, title=f"{label}: top matches")
+            plot_in_degree(corr, trg_img, stage / s / "in_degree.png",
+                           title=f"{label}: target in-degree (max {d['max_in_degree']}, "
+                                 f"collision rate {d['collision_rate']:.2f})")
+            plot_background_matches(corr, src_img, trg_img, fg, stage / s / "background.png",
+                                    title=f"{label}: foreground ({fg.method}) into background "
+                                          f"{d['background_rate']:.1%}")
+            table[s] = d
+        record = {"src": str(args.src), "trg": str(args.trg), "foreground": fg.describe(),
+                  "config": {"backbone": args.backbone, "layers": list(model.extractor.layers),
+                             "eps": args.eps, "max_iter": args.max_iter, "tol": args.tol,
+                             "use_cam": not args.no_cam, "rhm": not args.no_rhm,
+                             "exponent": args.exponent},
+                  "versions": versions(), "solvers": table}
+        write_json(record, stage / "diagnostics.json")
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(p for p in stage.rglob("*") if p.is_file()):
+            dest = out / f.relative_to(stage)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    print(format_diagnostics(table, fg.describe()))
+    print(f"wrote {out}/diagnostics.json and {out}/<solver>/{{matches,in_degree,background}}.png")
+    return 0
+
+
+def format_diagnostics(table: dict, foreground: dict) -> str:
+    """Side-by-side table of :func:`cmd_diagnose`'s per-solver diagnostics."""
+    cols = [("iters", "n_iters", "d"), ("marg.err", "marginal_error", ".2e"),
+            ("collision", "collision_rate", ".3f"), ("plan coll.", "plan_collision_rate", ".3f"),
+            ("max in", "max_in_degree", "d"), ("eff/N", "effective_target_ratio", ".3f"),
+            ("mutualNN", "mutual_nn_rate", ".3f"), ("backgr.", "background_rate", ".3f"),
+            ("PCK@.1", "pck@0.1", ".2f"), ("OT s", "time_s", ".3f")]
+    cols = [c for c in cols if all(c[1] in d for d in table.values())]
+    lines = [f"foreground: {foreground['method']} "
+             f"(src {foreground['src_fraction']:.0%}, trg {foreground['trg_fraction']:.0%} of hyperpixels)",
+             f"{'solver':<24}" + "".join(f" {name:>10}" for name, _, _ in cols)]
+    for s, d in table.items():
+        lines.append(f"{s:<24}" + "".join(f" {d[key]:>10{fmt}}" for _, key, fmt in cols))
+    return "\n".join(lines)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scot-ot", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -177,6 +319,24 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--strict", action="store_true", help="a malformed pair is an error, not a skip")
     add_model_args(e)
     e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("diagnose", help="many-to-one and background diagnostics of several solvers")
+    g.add_argument("src")
+    g.add_argument("trg")
+    g.add_argument("--solvers", default="pot-sinkhorn,torch-log,pot-emd",
+                   help="comma-separated solver names (default: pot-sinkhorn,torch-log,pot-emd)")
+    g.add_argument("--keypoints", help="source keypoints: JSON [[x, y], ...] or two-column text/CSV")
+    g.add_argument("--trg-keypoints", help="target keypoints (same format); with --keypoints, the "
+                   "foreground is the keypoint box and PCK@0.1 is reported")
+    g.add_argument("--masks", nargs=2, metavar=("SRC_MASK", "TRG_MASK"),
+                   help="foreground masks (images, nonzero = foreground); take precedence")
+    g.add_argument("--margin", type=float, default=0.1,
+                   help="keypoint-box foreground: widen the box by this fraction of its sides")
+    g.add_argument("--cam-threshold", type=float, default=0.5,
+                   help="CAM foreground (used without keypoints or masks): CAM > threshold")
+    g.add_argument("--out", default="diagnostics", help="output folder")
+    add_model_args(g)
+    g.set_defaults(func=cmd_diagnose)
 
     s = sub.add_parser("solvers", help="list the registered OT solvers")
     s.set_defaults(func=cmd_solvers)

@@ -85,7 +85,7 @@ def plot_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, out: os.Pat
                    label="transferred")
     if gt_kps is not None:
         k = torch.as_tensor(gt_kps, dtype=torch.float32) * sxt
-        ax.scatter(k[:, 0] + dx, k[:, 1], s=50, c="lime", edgecolors="black", marker="x", zorder=6,
+        ax.scatter(k[:, 0] + dx, k[:, 1], s=50, c="lime", marker="x", zorder=6,
                    label="ground truth")
         if pred_kps is not None:
             p = torch.as_tensor(pred_kps, dtype=torch.float32) * sxt
@@ -95,4 +95,59 @@ def plot_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, out: os.Pat
         ax.legend(loc="lower right", fontsize=7)
     if title:
         ax.set_title(title, fontsize=8)
+    return save_figure(fig, out)
+
+
+def _grid_overlay(ax, values: np.ndarray, size, dx: float = 0.0, **kwargs):
+    """Draw an (h, w) grid of values over an image of ``size`` (W, H) placed at x offset ``dx``."""
+    W, H = size
+    return ax.imshow(values, extent=(dx, dx + W, H, 0), interpolation="nearest", **kwargs)
+
+
+def plot_in_degree(corr, trg_img: torch.Tensor, out: os.PathLike, title: str = "") -> Path:
+    """Heat map of the target in-degree ``d_j`` (sources matched to target hyperpixel j) over the target image."""
+    from .diagnostics import in_degree
+
+    plt = pyplot()
+    h, w = corr.trg.grid
+    d = in_degree(corr.matches.cpu(), len(corr.trg)).reshape(h, w).numpy()
+    img = _hwc(trg_img)
+    fig, ax = plt.subplots(figsize=(img.shape[1] / 50, img.shape[0] / 50))
+    ax.imshow(img)
+    masked = np.ma.masked_where(d == 0, d)
+    im = _grid_overlay(ax, masked, corr.trg.size, cmap="inferno", alpha=0.75, vmin=1,
+                       vmax=max(int(d.max()), 2))
+    ax.set_xlim(0, img.shape[1])
+    ax.set_ylim(img.shape[0], 0)
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="in-degree (0: not drawn)")
+    ax.set_title(title or f"target in-degree, max {int(d.max())}", fontsize=8)
+    return save_figure(fig, out)
+
+
+def plot_background_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, foreground,
+                            out: os.PathLike, max_lines: int = 200, title: str = "") -> Path:
+    """Foreground (blue tint) of both images; foreground sources matched into the target
+    background as red lines, into the target foreground as thin green lines (at most
+    ``max_lines`` of each, evenly subsampled)."""
+    plt = pyplot()
+    fig, ax, dx = side_by_side(src_img, trg_img)
+    tint = lambda m, grid: np.ma.masked_where(~m.reshape(grid).numpy(), np.ones(grid))  # noqa: E731
+    blue = plt.cm.colors.ListedColormap(["#3060ff"])
+    _grid_overlay(ax, tint(foreground.src.cpu(), corr.src.grid), corr.src.size, cmap=blue, alpha=0.35)
+    _grid_overlay(ax, tint(foreground.trg.cpu(), corr.trg.grid), corr.trg.size, dx, cmap=blue, alpha=0.35)
+    matches = corr.matches.cpu()
+    src_fg = foreground.src.cpu().bool()
+    into_bg = src_fg & ~foreground.trg.cpu().bool()[matches]
+    into_fg = src_fg & ~into_bg
+    s, t = corr.src.centres.cpu(), corr.trg.centres.cpu()[matches]
+    for sel, colour, lw in ((into_fg, "lime", 0.4), (into_bg, "red", 0.7)):
+        idx = torch.nonzero(sel).flatten()
+        if len(idx) > max_lines:
+            idx = idx[torch.linspace(0, len(idx) - 1, max_lines).long()]
+        for i in idx.tolist():
+            ax.plot([s[i, 0], t[i, 0] + dx], [s[i, 1], t[i, 1]], "-", color=colour, lw=lw, alpha=0.7)
+    rate = float(into_bg.sum()) / max(int(src_fg.sum()), 1)
+    ax.set_title(title or f"foreground ({foreground.method}) matched into background: {rate:.1%}",
+                 fontsize=8)
     return save_figure(fig, out)

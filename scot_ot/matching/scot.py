@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from ..ot import OTResult, get_solver, solve
@@ -37,7 +38,22 @@ MIN_SIDE = 32
 
 def cosine_cost(src: torch.Tensor, trg: torch.Tensor) -> torch.Tensor:
     """``C_ij = 1 - max(<x_i, y_j>, 0)`` for L2-normalised rows; values in [0, 1]."""
-    return 1.0 - (src @ trg.T).clamp_min(0.0)  # (N, M)
+    return 1.0 - (src @ trg.T).clamp(0.0, 1.0)  # (N, M); the upper clamp absorbs rounding
+
+
+def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
+    """(K, 2) xy keypoints as float32, or ValueError if malformed or outside a W x H image."""
+    if isinstance(keypoints, torch.Tensor):
+        kps = keypoints.detach().float().cpu()
+    else:
+        kps = torch.from_numpy(np.array(keypoints, dtype=np.float32))
+    if kps.dim() != 2 or kps.shape[1] != 2:
+        raise ValueError(f"keypoints: expected shape (K, 2), got {tuple(kps.shape)}")
+    if not bool(torch.isfinite(kps).all()):
+        raise ValueError("keypoints: contain NaN or inf")
+    if bool(((kps < 0) | (kps > torch.tensor([width, height]))).any()):
+        raise ValueError(f"keypoints: outside the source image of size {width:.0f} x {height:.0f} (W x H)")
+    return kps
 
 
 @dataclass(frozen=True)
@@ -61,18 +77,9 @@ class Correspondence:
 
     def transfer(self, keypoints) -> torch.Tensor:
         """Map (K, 2) xy keypoints of the original source image to the original target image."""
-        kps = torch.as_tensor(keypoints, dtype=torch.float32)
-        if kps.dim() != 2 or kps.shape[1] != 2:
-            raise ValueError(f"keypoints: expected shape (K, 2), got {tuple(kps.shape)}")
-        if not bool(torch.isfinite(kps).all()):
-            raise ValueError("keypoints: contain NaN or inf")
         sx, sy = self.src.scale
         W, H = self.src.size
-        size = torch.tensor([W / sx, H / sy])
-        if bool(((kps < 0) | (kps > size)).any()):
-            raise ValueError(
-                f"keypoints: outside the source image of size {W / sx:.0f} x {H / sy:.0f} (W x H)"
-            )
+        kps = check_keypoints(keypoints, W / sx, H / sy)
         src_scale = torch.tensor(self.src.scale)
         trg_scale = torch.tensor(self.trg.scale)
         moved = transfer_keypoints(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(),
