@@ -1,8 +1,20 @@
-"""scot_ot: semantic correspondence as optimal transport (SCOT, Liu et al., CVPR 2020)."""
+"""scot_ot: semantic correspondence as optimal transport (SCOT, Liu et al., CVPR 2020).
+
+``scot_ot.solve`` and the solver registry import only torch; ``scot_ot.SCOT`` (the
+image pipeline, which needs torchvision) is imported on first access.
+"""
 
 from . import solvers as _solvers  # noqa: F401  (registers the built-in solvers)
 from .ot import OTProblem, OTResult, available_solvers, get_solver, solve
 
 __version__ = "0.1.0"
 
-__all__ = ["OTProblem", "OTResult", "available_solvers", "get_solver", "solve", "__version__"]
+__all__ = ["OTProblem", "OTResult", "SCOT", "available_solvers", "get_solver", "solve", "__version__"]
+
+
+def __getattr__(name):
+    if name == "SCOT":
+        from .matching import SCOT
+
+        return SCOT
+    raise AttributeError(f"module 'scot_ot' has no attribute {name!r}")

@@ -128,8 +128,11 @@ def cmd_eval(args) -> int:
           + (f", evaluating the first {len(pairs)}" if args.limit else ""))
     for s in loaded.skipped[:5]:
         print(f"  skipped: {s}")
+    from .evaluation.run import parse_solver_spec
+
     solvers = args.solver or ["pot-sinkhorn"]
-    model = build_model(args, solvers[0])
+    names = [parse_solver_spec(s)[0] for s in solvers]  # fail on a bad spec before any work
+    model = build_model(args, names[0])
     config = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "limit": args.limit,
               "backbone": args.backbone, "layers": list(model.extractor.layers), "eps": args.eps,
               "max_iter": args.max_iter, "tol": args.tol, "use_cam": not args.no_cam,
@@ -312,7 +315,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", required=True, choices=["pf-willow", "pf-pascal", "spair"])
     e.add_argument("--root", required=True, help="the dataset folder, in its original layout")
     e.add_argument("--split", default="test")
-    e.add_argument("--solver", action="append", help="solver name; repeat to compare several")
+    e.add_argument("--solver", action="append",
+                   help="NAME or NAME:key=value,... (e.g. torch-absorb:max_iter=1000,tol=1e-4); "
+                        "repeat to compare several")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
     e.add_argument("--out", default=None, help="JSON file for the results")
     e.add_argument("--resume", action="store_true", help="continue a partial --out file")

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -42,6 +42,29 @@ class FeatureCache:
         if len(self.items) > self.capacity:
             self.items.popitem(last=False)
         return hp
+
+
+def parse_solver_spec(spec: str) -> Tuple[str, dict]:
+    """``"NAME[:key=value,...]"`` -> (NAME, overrides), e.g. ``"torch-absorb:max_iter=1000,tol=1e-4"``.
+
+    Values are read as int, then float (``inf`` allowed); the overrides go to
+    :meth:`scot_ot.SCOT.with_solver` (``eps, max_iter, tol, check_every, reg_m`` or
+    the solver's own options).
+    """
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--solver: expected key=value in {spec!r}, got {item!r}")
+        try:
+            overrides[key.strip()] = int(value)
+        except ValueError:
+            try:
+                overrides[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--solver: {key}={value!r} in {spec!r} is not a number") from None
+    return name.strip(), overrides
 
 
 def versions() -> Dict[str, str]:
@@ -93,11 +116,14 @@ def summarize(record: dict) -> None:
 
 def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path] = None,
              alphas: Sequence[float] = DEFAULT_ALPHAS, resume: bool = False, config: Optional[dict] = None,
-             progress: bool = True, save_every: int = 10, skipped: Sequence = ()) -> dict:
+             progress: bool = True, save_every: int = 10, skipped: Sequence = (),
+             cache_size: int = 64) -> dict:
     """Evaluate ``model`` with each of ``solvers`` on ``pairs``; returns the JSON record.
 
-    ``model`` is a :class:`scot_ot.SCOT`; each solver runs through
-    :meth:`SCOT.with_solver` on the same cached hyperpixels.
+    ``solvers`` are specs for :func:`parse_solver_spec` (results are keyed by the
+    spec). ``model`` is a :class:`scot_ot.SCOT`; each solver runs through
+    :meth:`SCOT.with_solver` on the same hyperpixels, cached for the last
+    ``cache_size`` images.
     """
     from tqdm.auto import tqdm
 
@@ -113,8 +139,11 @@ def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path]
         record["pairs"] = old["pairs"]
     done = {p["pair_id"] for p in record["pairs"]}
     todo = [p for p in pairs if p.pair_id not in done]
-    models = {s: model.with_solver(s) for s in solvers}
-    cache = FeatureCache(model)
+    models = {}
+    for spec in solvers:
+        name, overrides = parse_solver_spec(spec)
+        models[spec] = model.with_solver(name, **overrides)
+    cache = FeatureCache(model, capacity=cache_size)
     t_start, n_new = time.perf_counter(), 0
     bar = tqdm(todo, desc="pairs", unit="pair", disable=not progress)
     try:
