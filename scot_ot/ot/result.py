@@ -12,6 +12,11 @@ so that ``f, g`` are the dual potentials of the problem in
 ``f, g`` are the Kantorovich potentials (``f_i + g_j <= C_ij``, equality on the
 support of the plan).
 
+For balanced problems the dual is invariant under ``(f + c, g - c)``: solvers started
+differently (POT starts from ``u = 1/n``, ours from ``f = 0``) return the same plan
+with potentials that differ by such a constant, so compare ``f_i + g_j`` (or the
+plans), not ``f`` alone.
+
 Error metric (all solvers)
 --------------------------
 .. math::
