@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -123,9 +124,9 @@ def cmd_eval(args) -> int:
     from .evaluation.run import evaluate, format_table
 
     loaded = load_pairs(args.dataset, args.root, split=args.split, strict=args.strict)
-    pairs = list(loaded.pairs)[: args.limit] if args.limit else list(loaded.pairs)
-    print(f"{args.dataset}/{args.split}: {len(loaded.pairs)} pairs read, {len(loaded.skipped)} skipped"
-          + (f", evaluating the first {len(pairs)}" if args.limit else ""))
+    pairs = list(loaded.pairs)[:: args.every][: args.limit]
+    print(f"{args.dataset}/{args.split}: {len(loaded.pairs)} pairs read, {len(loaded.skipped)} skipped, "
+          f"evaluating {len(pairs)}")
     for s in loaded.skipped[:5]:
         print(f"  skipped: {s}")
     from .evaluation.run import parse_solver_spec
@@ -133,7 +134,8 @@ def cmd_eval(args) -> int:
     solvers = args.solver or ["pot-sinkhorn"]
     names = [parse_solver_spec(s)[0] for s in solvers]  # fail on a bad spec before any work
     model = build_model(args, names[0])
-    config = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "limit": args.limit,
+    config = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "every": args.every,
+              "limit": args.limit,
               "backbone": args.backbone, "layers": list(model.extractor.layers), "eps": args.eps,
               "max_iter": args.max_iter, "tol": args.tol, "use_cam": not args.no_cam,
               "rhm": not args.no_rhm, "exponent": args.exponent}
@@ -157,19 +159,40 @@ def cmd_solvers(args) -> int:
     return 0
 
 
-def _solver_list(text: str) -> List[str]:
-    """Comma-separated solver names, validated against the registry (before any computation)."""
+def _solver_list(text: str) -> List[Tuple[str, str, dict]]:
+    """``--solvers`` as (spec, name, overrides), validated before any computation.
+
+    Comma-separated specs ``NAME[:key=value,...]`` (as ``eval --solver``); a ``key=value``
+    item after a comma continues the previous spec (solver names hold no ``=``), so
+    ``pot-sinkhorn,torch-absorb:max_iter=1000,tol=1e-4,pot-emd`` is three solvers.
+    """
+    from .evaluation.run import parse_solver_spec
     from .ot import get_solver
 
-    names = [s.strip() for s in text.split(",") if s.strip()]
-    if not names:
+    specs: List[str] = []
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if "=" in item and ":" not in item and specs:
+            specs[-1] += "," + item
+        else:
+            specs.append(item)
+    if not specs:
         raise ValueError("--solvers: give at least one solver name")
-    dup = sorted({s for s in names if names.count(s) > 1})
+    dup = sorted({s for s in specs if specs.count(s) > 1})
     if dup:
-        raise ValueError(f"--solvers: repeated name(s) {', '.join(dup)}")
-    for s in names:
-        get_solver(s)
-    return names
+        raise ValueError(f"--solvers: repeated solver(s) {', '.join(dup)}")
+    out = []
+    for spec in specs:
+        name, overrides = parse_solver_spec(spec)
+        get_solver(name)
+        out.append((spec, name, overrides))
+    return out
+
+
+def _folder_name(spec: str) -> str:
+    """A file-system-safe folder name for a solver spec."""
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", spec)
 
 
 def _read_mask(path: str) -> np.ndarray:
@@ -220,7 +243,7 @@ def cmd_diagnose(args) -> int:
 
     # the CAM is always computed (it defines the default foreground); --no-cam only
     # makes the marginals uniform
-    model = build_model(argparse.Namespace(**{**vars(args), "no_cam": False}), solvers[0])
+    model = build_model(argparse.Namespace(**{**vars(args), "no_cam": False}), solvers[0][1])
     hs, ht = model.hyperpixels(src_full, "src"), model.hyperpixels(trg_full, "trg")
     if args.no_cam:
         hs = dataclasses.replace(hs, weights=torch.ones_like(hs.weights))
@@ -239,21 +262,22 @@ def cmd_diagnose(args) -> int:
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         table = {}
-        for s in solvers:
-            corr = model.with_solver(s).match_hyperpixels(hs, ht)
+        for s, name, overrides in solvers:
+            corr = model.with_solver(name, **overrides).match_hyperpixels(hs, ht)
+            folder = stage / _folder_name(s)
             d = diagnose(corr, fg)
             d["match_time_s"] = float(sum(corr.timings.values()))
             pred = corr.transfer(src_kps) if src_kps is not None else None
             if pred is not None and trg_kps is not None:
                 span = (trg_kps.max(0).values - trg_kps.min(0).values).max()
                 d["pck@0.1"] = pck_per_pair(pred, trg_kps, float(span), (0.1,))[0.1]
-            label = f"{s}, {corr.ot.n_iters} it."
-            plot_matches(corr, src_img, trg_img, stage / s / "matches.png", src_kps=src_kps,
+            label = f"{name}, {corr.ot.n_iters} it."
+            plot_matches(corr, src_img, trg_img, folder / "matches.png", src_kps=src_kps,
                          pred_kps=pred, gt_kps=trg_kps, title=f"{label}: top matches")
-            plot_in_degree(corr, trg_img, stage / s / "in_degree.png",
+            plot_in_degree(corr, trg_img, folder / "in_degree.png",
                            title=f"{label}: target in-degree (max {d['max_in_degree']}, "
                                  f"collision rate {d['collision_rate']:.2f})")
-            plot_background_matches(corr, src_img, trg_img, fg, stage / s / "background.png",
+            plot_background_matches(corr, src_img, trg_img, fg, folder / "background.png",
                                     title=f"{label}: foreground ({fg.method}) into background "
                                           f"{d['background_rate']:.1%}")
             table[s] = d
@@ -284,11 +308,12 @@ def format_diagnostics(table: dict, foreground: dict) -> str:
             ("mutualNN", "mutual_nn_rate", ".3f"), ("backgr.", "background_rate", ".3f"),
             ("PCK@.1", "pck@0.1", ".2f"), ("OT s", "time_s", ".3f")]
     cols = [c for c in cols if all(c[1] in d for d in table.values())]
+    w = max([24] + [len(s) + 1 for s in table])
     lines = [f"foreground: {foreground['method']} "
              f"(src {foreground['src_fraction']:.0%}, trg {foreground['trg_fraction']:.0%} of hyperpixels)",
-             f"{'solver':<24}" + "".join(f" {name:>10}" for name, _, _ in cols)]
+             f"{'solver':<{w}}" + "".join(f" {name:>10}" for name, _, _ in cols)]
     for s, d in table.items():
-        lines.append(f"{s:<24}" + "".join(f" {d[key]:>10{fmt}}" for _, key, fmt in cols))
+        lines.append(f"{s:<{w}}" + "".join(f" {d[key]:>10{fmt}}" for _, key, fmt in cols))
     return "\n".join(lines)
 
 
@@ -318,7 +343,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--solver", action="append",
                    help="NAME or NAME:key=value,... (e.g. torch-absorb:max_iter=1000,tol=1e-4); "
                         "repeat to compare several")
-    e.add_argument("--limit", type=int, default=None, help="evaluate the first N pairs only")
+    e.add_argument("--every", type=int, default=1, help="keep every K-th pair (a fixed subsample)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate the first N (kept) pairs only")
     e.add_argument("--out", default=None, help="JSON file for the results")
     e.add_argument("--resume", action="store_true", help="continue a partial --out file")
     e.add_argument("--strict", action="store_true", help="a malformed pair is an error, not a skip")
@@ -329,7 +355,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("src")
     g.add_argument("trg")
     g.add_argument("--solvers", default="pot-sinkhorn,torch-log,pot-emd",
-                   help="comma-separated solver names (default: pot-sinkhorn,torch-log,pot-emd)")
+                   help="comma-separated solvers, each NAME or NAME:key=value,... to override "
+                        "--eps/--max-iter/--tol for it, e.g. pot-sinkhorn,torch-absorb:max_iter=1000,"
+                        "tol=1e-4,pot-emd (default: pot-sinkhorn,torch-log,pot-emd)")
     g.add_argument("--keypoints", help="source keypoints: JSON [[x, y], ...] or two-column text/CSV")
     g.add_argument("--trg-keypoints", help="target keypoints (same format); with --keypoints, the "
                    "foreground is the keypoint box and PCK@0.1 is reported")

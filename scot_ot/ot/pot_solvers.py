@@ -7,7 +7,9 @@ POT in *chunks* of ``check_every`` iterations with ``stopThr=0``, warm-starting
 each chunk from the scalings the previous one returned. For all four wrapped
 entropic solvers a warm start continues the iteration exactly: each POT
 iteration recomputes one scaling from the other only, and the stabilised
-solver's re-initialised ``u = 1/n`` is compensated by the next ``v``. The
+solver's re-initialised ``u = 1/n`` is compensated by the next ``v`` (when the
+re-initialisation falls on a chunk's last iteration, the wrapper undoes it on the
+plan it returns, see ``_call_sinkhorn_stabilized``). The
 common error is then measured on the plan POT returns.
 
 Overhead of the chunking, per chunk (that is, once per ``check_every``
@@ -89,7 +91,17 @@ def _call_sinkhorn_stabilized(a, b, C, eps, reg_m, n_iter, warm):
         ot.bregman.sinkhorn_stabilized, a, b, C, eps, numItermax=n_iter, stopThr=0.0,
         log=True, warn=False, warmstart=alpha_beta,
     )
-    return P, log["logu"], log["logv"], (-1 if bad else n_iter)
+    log_u, log_v = log["logu"], log["logv"]
+    # When POT absorbs (u, v) into (alpha, beta) it resets u = 1/n, v = 1/m; the next
+    # iteration compensates, but if the absorption fell on the chunk's last iteration the
+    # returned plan and scalings are the iterate divided by n*m. After the u update P1 = a
+    # exactly, so the plan's mass tells the two cases apart: undo the reset.
+    n, m = C.shape
+    ratio = float(P.sum() / a.sum())
+    reset = 0 < ratio < math.inf and abs(math.log(ratio * n * m)) < abs(math.log(ratio))
+    if not bad and n * m > 1 and reset:
+        P, log_u, log_v = P * (n * m), log_u + math.log(n), log_v + math.log(m)
+    return P, log_u, log_v, (-1 if bad else n_iter)
 
 
 def _call_unbalanced(a, b, C, eps, reg_m, n_iter, warm):

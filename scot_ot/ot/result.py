@@ -7,7 +7,8 @@ Potential convention (all entropic solvers)
     P_{ij} = a_i \\, b_j \\, \\exp\\big((f_i + g_j - C_{ij}) / \\varepsilon\\big)
 
 so that ``f, g`` are the dual potentials of the problem in
-:mod:`scot_ot.ot.problem` (``f = g = 0`` at the start; POT's scalings convert as
+:mod:`scot_ot.ot.problem` (our solvers start from ``f = g = 0``, POT's from
+``u = 1/n``, as SCOT's code does; POT's scalings convert as
 ``f = eps * (log u - log a)``, ``g = eps * (log v - log b)``). For the exact solver
 ``f, g`` are the Kantorovich potentials (``f_i + g_j <= C_ij``, equality on the
 support of the plan).

@@ -111,9 +111,9 @@ class AbsorbScheme:
         ta, tb, eps = p.tau(0), p.tau(1), p.eps
         for _ in range(k):
             Ktu = torch.bmm((p.a * s.u)[:, None, :], s.K)[:, 0, :]  # (B, m)  K~^T (a u)
-            v = torch.exp((tb - 1.0) * s.g0 / eps) * Ktu.pow(-tb)  # (B, m)
+            v = Ktu.reciprocal() if tb == 1.0 else torch.exp((tb - 1.0) * s.g0 / eps) * Ktu.pow(-tb)  # (B, m)
             Kv = torch.bmm(s.K, (p.b * v)[:, :, None])[:, :, 0]  # (B, n)  K~ (b v)
-            u = torch.exp((ta - 1.0) * s.f0 / eps) * Kv.pow(-ta)  # (B, n)
+            u = Kv.reciprocal() if ta == 1.0 else torch.exp((ta - 1.0) * s.f0 / eps) * Kv.pow(-ta)  # (B, n)
             if _ok(v, L) and _ok(u, L):
                 s = AbsorbState(p, s.f0, s.g0, s.K, u, v)
             else:  # redo this iteration in the log domain and absorb

@@ -1,0 +1,314 @@
+"""Time every OT solver on SCOT-like dense costs: per iteration, to tolerance, and against EMD.
+
+Problem: ``C = 1 - max(cos(x_i, y_j), 0)`` between ``n`` random unit features ``x`` and
+``n`` features ``y`` in ``d = 512`` dimensions, uniform marginals, ``eps = 0.05``.
+``--features iid`` (default) draws ``y`` independently of ``x``: cosines concentrate
+near 0, so the costs lie in about [0.85, 1] and every solver converges in ~10
+iterations. ``--features matched`` makes ``y`` a noisy permutation of ``x``
+(``y_j = normalize(x_pi(j) + noise * z_j / sqrt(d))``), the structure of a real
+correspondence problem, which needs hundreds of iterations.
+
+For each size and solver, in this order:
+
+1. **agreement** (before any timing): the plan after 10 iterations against
+   ``torch-log``'s plan after 10 iterations (``pot-unbalanced`` updates ``f`` first,
+   so it is compared with ``torch-log`` on the transposed problem, whose
+   iterates it shares); L1 distance, which must be below 1e-3 (float32) / 1e-9
+   (float64);
+2. **time per iteration**: runs of ``K`` iterations with ``check_every = K`` (one
+   chunk, one error check); median and spread (quartiles, min, max) over 3 to
+   ``--repeats`` repeats (within ``--solver-budget`` seconds) of ``time_s / K``, where
+   ``time_s`` is the solver's own clock (validation excluded; setup and the one check
+   included). ``K`` (10 to 500) makes a run last about ``--run-budget`` seconds and
+   keeps the setup (POT's kernel; torch-absorb's first log-domain iteration and
+   kernel) under ~20 % of it; the setup and the slope of a two-point fit are
+   recorded too. For POT the same with ``check_every = 10``: the warm-started
+   chunking that measures POT in the common metric rebuilds POT's kernel and plan
+   once per chunk (see :mod:`scot_ot.ot.pot_solvers`); the difference is that
+   overhead;
+3. **to tolerance**: ``tol = 1e-4``, ``check_every = 10``, at most ``--max-iter``
+   iterations *and* at most the iterations that fit in ``--tol-budget`` seconds at
+   the measured speed; a solver stopped by the budget is recorded with
+   ``converged: false`` and a ``note`` saying so (nothing is skipped silently);
+   iterations, time, error at stop, and the transport cost's relative gap to the
+   exact optimum, ``(<C, P> - OT_emd) / OT_emd`` (EMD solved once per size).
+
+Usage::
+
+    python benchmarks/solvers.py                           # CPU, n in {1000, 2500, 4200}
+    python benchmarks/solvers.py --sizes 500,1000 --solvers torch-absorb,pot-sinkhorn
+    python benchmarks/solvers.py --device cuda             # includes `fused`
+    python benchmarks/solvers.py --features matched
+
+Writes ``benchmarks/results/solvers-<device>-<date>.json`` (``solvers-matched-...`` for
+``--features matched``), a PNG of time per iteration against ``n`` beside it, and
+prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from common import default_out, load_average, machine, spread, table, write_json  # first: puts the checkout on sys.path
+
+import torch
+from tqdm.auto import tqdm
+
+import scot_ot
+from scot_ot import solve
+
+EMD = "pot-emd"
+REFERENCE = "torch-log"
+AGREE_ITERS = 10
+CHUNK = 10  # the default check_every, for the chunked POT timings
+AGREE_L1 = {torch.float32: 1e-3, torch.float64: 1e-9}
+
+
+def cosine_cost(n: int, d: int, features: str, noise: float, seed: int,
+                dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``1 - max(cos, 0)`` between random unit features (see the module docstring), (n, n)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    if features == "iid":
+        y = torch.randn(n, d, generator=g, dtype=torch.float64)
+    else:
+        y = x[torch.randperm(n, generator=g)] + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
+    y = torch.nn.functional.normalize(y, dim=1)
+    return (1.0 - (x @ y.T).clamp_min(0.0)).to(dtype=dtype, device=device)  # (n, n)
+
+
+def transport_cost(C: torch.Tensor, P: torch.Tensor) -> float:
+    """``<C, P>`` in float64."""
+    return float((C.double() * P.double()).sum())
+
+
+def plan_l1(P: torch.Tensor, Q: torch.Tensor) -> float:
+    return float((P.double() - Q.double()).abs().sum())
+
+
+def reference_plan(C: torch.Tensor, eps: float, transposed: bool) -> torch.Tensor:
+    """torch-log's plan after AGREE_ITERS iterations (on C^T, transposed back, if asked)."""
+    Cx = C.T.contiguous() if transposed else C
+    P = solve(Cx, solver=REFERENCE, eps=eps, max_iter=AGREE_ITERS, check_every=AGREE_ITERS, tol=0).plan
+    return P.T.contiguous() if transposed else P
+
+
+def time_per_iteration(C: torch.Tensor, s: str, args, check_every: Optional[int],
+                       t10: Optional[float] = None):
+    """Median and spread of ``time_s / K`` over repeated runs of ``K`` iterations.
+
+    ``check_every=None``: one chunk per run (``check_every = K``). A two-point estimate
+    (10 and 20 iterations) splits a run's time into a setup (POT's kernel, torch-absorb's
+    first log-domain iteration and kernel) and a slope per iteration; ``K`` is picked so
+    a run takes about ``--run-budget`` seconds and the setup is at most ~20 % of it
+    (10 <= K <= 500). Otherwise runs of whole chunks of ``check_every``, the per-chunk
+    overhead included. Repeats: 3 to ``--repeats``, within ``--solver-budget`` seconds.
+    Returns (stats, K, repeats, {"setup_s": ..., "slope_s": ...} or {}).
+    """
+    def run(k: int) -> float:
+        ce = k if check_every is None else check_every
+        return solve(C, solver=s, eps=args.eps, max_iter=k, check_every=ce, tol=0).time_s
+
+    if check_every is None:
+        t10 = run(10) if t10 is None else t10
+        t20 = run(20)
+        slope = (t20 - t10) / 10
+        slope = slope if slope > t20 / 200 else t20 / 20  # timing noise: fall back to the mean
+        setup = max(t20 - 20 * slope, 0.0)
+        K = int(min(max(args.run_budget / slope, 4 * setup / slope, 10), 500))
+        est, fit = slope + setup / K, {"setup_s": setup, "slope_s": slope}
+    else:
+        est = run(2 * check_every) / (2 * check_every)
+        K = int(min(max(args.run_budget / est, 2 * check_every), 500)) // check_every * check_every
+        fit = {}
+    repeats = int(min(max(args.solver_budget // (K * est), 3), args.repeats))
+    return spread([run(K) / K for _ in range(repeats)]), K, repeats, fit
+
+
+def bench_size(n: int, solvers: List[str], args, bar) -> List[Dict[str, object]]:
+    C = cosine_cost(n, args.d, args.features, args.noise, args.seed + n, args.dtype, args.device)
+    base = {"n": n, "dtype": str(args.dtype).replace("torch.", ""), "eps": args.eps,
+            "device": args.device, "features": args.features,
+            "cost_range": [float(C.min()), float(C.max())]}
+    records = []
+
+    # exact optimum, once per size
+    bar.set_postfix_str(f"n={n} {EMD}")
+    t0 = time.perf_counter()
+    emd = solve(C, solver=EMD)
+    cost_emd = transport_cost(C, emd.plan)
+    records.append({**base, "solver": EMD, "emd_time_s": time.perf_counter() - t0, "cost": cost_emd,
+                    "converged": emd.converged, "error_at_stop": emd.error, "gap_to_emd": 0.0})
+    del emd
+    bar.update()
+
+    # 1. agreement with the reference, before any timing (also the warm-up)
+    refs, agree, t10 = {}, {}, {}
+    for s in solvers:
+        bar.set_postfix_str(f"n={n} {s}: agreement")
+        transposed = s == "pot-unbalanced"
+        if transposed not in refs:
+            refs[transposed] = reference_plan(C, args.eps, transposed)
+        r = solve(C, solver=s, eps=args.eps, max_iter=AGREE_ITERS, check_every=AGREE_ITERS, tol=0)
+        agree[s], t10[s] = plan_l1(r.plan, refs[transposed]), r.time_s
+        del r
+    del refs
+
+    for s in solvers:
+        rec: Dict[str, object] = {**base, "solver": s, "agreement_l1_vs_torch_log": agree[s],
+                                  "agrees": agree[s] <= AGREE_L1[args.dtype]}
+        # 2. time per iteration, in one chunk; for POT also in chunks of CHUNK iterations
+        bar.set_postfix_str(f"n={n} {s}: per iteration")
+        stats, K, repeats, fit = time_per_iteration(C, s, args, None, t10[s])
+        rec.update(iters_per_run=K, repeats=repeats, time_per_iter_s=stats,
+                   setup_s_estimate=fit["setup_s"], slope_s_per_iter_estimate=fit["slope_s"])
+        if s.startswith("pot-"):
+            bar.set_postfix_str(f"n={n} {s}: chunked")
+            chunked, Kc, repeats_c, _ = time_per_iteration(C, s, args, CHUNK)
+            rec.update(time_per_iter_chunked_s=chunked, iters_per_chunked_run=Kc,
+                       chunked_repeats=repeats_c, chunk_overhead=chunked["median"] / stats["median"] - 1)
+
+        # 3. to tolerance, within the time budget
+        bar.set_postfix_str(f"n={n} {s}: to tol")
+        speed = stats["median"]
+        cap = min(args.max_iter, max(CHUNK, int(args.tol_budget / speed) // CHUNK * CHUNK))
+        r = solve(C, solver=s, eps=args.eps, max_iter=cap, check_every=CHUNK, tol=args.tol)
+        cost = transport_cost(C, r.plan)
+        rec.update(tol=args.tol, max_iter=cap, iters_to_tol=r.n_iters, time_to_tol_s=r.time_s,
+                   converged=r.converged, error_at_stop=r.error, cost=cost,
+                   gap_to_emd=(cost - cost_emd) / cost_emd)
+        if not r.converged:
+            why = (f"stopped by the time budget ({args.tol_budget:g} s at {speed:.3g} s/iteration) "
+                   f"after {r.n_iters} iterations" if cap < args.max_iter
+                   else f"did not reach tol in {args.max_iter} iterations")
+            rec["note"] = f"not converged: {why}; error at stop {r.error:.3g}"
+        del r
+        records.append(rec)
+        bar.update()
+    return records
+
+
+def plot(records: List[Dict[str, object]], out: Path, title: str) -> Optional[Path]:
+    """Time per iteration against n, one line per solver, log-log; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib, or scot_ot[plot])")
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for s in dict.fromkeys(r["solver"] for r in records if "time_per_iter_s" in r):
+        rows = sorted((r for r in records if r["solver"] == s and "time_per_iter_s" in r), key=lambda r: r["n"])
+        ns = [r["n"] for r in rows]
+        med = [r["time_per_iter_s"]["median"] for r in rows]
+        lo = [m - r["time_per_iter_s"]["min"] for m, r in zip(med, rows)]
+        hi = [r["time_per_iter_s"]["max"] - m for m, r in zip(med, rows)]
+        ax.errorbar(ns, med, yerr=[lo, hi], marker="o", capsize=3, label=s)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("n = m")
+    ax.set_ylabel("time per iteration (s), median, bars min-max")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = out.with_suffix(".png")
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--sizes", default="1000,2500,4200", help="comma-separated n (= m)")
+    p.add_argument("--eps", type=float, default=0.05)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--solvers", default=None,
+                   help="comma-separated; default: every registered entropic solver (`fused` only on cuda)")
+    p.add_argument("--features", default="iid", choices=["iid", "matched"])
+    p.add_argument("--noise", type=float, default=1.0, help="noise of --features matched")
+    p.add_argument("--d", type=int, default=512, help="feature dimension")
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--max-iter", type=int, default=5000, help="iteration cap of the to-tol runs")
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats (at least 3)")
+    p.add_argument("--run-budget", type=float, default=2.0, help="seconds per timed run (picks K)")
+    p.add_argument("--solver-budget", type=float, default=8.0, help="seconds of timed runs per solver and size")
+    p.add_argument("--tol-budget", type=float, default=60.0, help="seconds per to-tol run at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/solvers-<device>-<date>.json)")
+    args = p.parse_args()
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here")
+    args.dtype = getattr(torch, args.dtype)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    if args.solvers is None:
+        solvers = [s for s in scot_ot.available_solvers()
+                   if s != EMD and (s != "fused" or args.device.startswith("cuda"))]
+    else:
+        solvers = args.solvers.split(",")
+        unknown = sorted(set(solvers) - set(scot_ot.available_solvers()))
+        if unknown:
+            p.error(f"--solvers: unknown {unknown}; available: {scot_ot.available_solvers()}")
+        solvers = [s for s in solvers if s != EMD]  # EMD always runs, once per size
+    solvers = sorted(solvers, key=lambda s: s != REFERENCE)  # the reference first
+    name = "solvers" if args.features == "iid" else f"solvers-{args.features}"
+    out = Path(args.out) if args.out else default_out(name, args.device)
+
+    config = {"sizes": sizes, "eps": args.eps, "dtype": str(args.dtype).replace("torch.", ""),
+              "solvers": solvers, "features": args.features, "noise": args.noise, "d": args.d,
+              "marginals": "uniform", "tol": args.tol, "check_every_to_tol": CHUNK,
+              "max_iter": args.max_iter, "repeats": args.repeats, "run_budget_s": args.run_budget,
+              "solver_budget_s": args.solver_budget, "tol_budget_s": args.tol_budget,
+              "agreement": f"L1 plan distance to torch-log after {AGREE_ITERS} iterations",
+              "seed": args.seed}
+    record = {"benchmark": "solvers", "machine": machine(args.device), "config": config, "records": []}
+    t_start = time.perf_counter()
+    with tqdm(total=len(sizes) * (len(solvers) + 1), desc="solvers", unit="run") as bar:
+        for n in sizes:
+            record["records"] += bench_size(n, solvers, args, bar)
+            record["wall_s"] = time.perf_counter() - t_start
+            record["load_avg_after"] = load_average()
+            write_json(record, out)  # after every size: a partial record survives an interrupt
+
+    png = plot(record["records"], out,
+               f"{args.features} cosine costs, eps={args.eps:g}, {config['dtype']}, {args.device}")
+    rows = []
+    for r in record["records"]:
+        ti, tc = r.get("time_per_iter_s"), r.get("time_per_iter_chunked_s")
+        rows.append({
+            "n": r["n"], "solver": r["solver"],
+            "ms/it": None if ti is None else 1e3 * ti["median"],
+            "[min, max]": None if ti is None else f"[{1e3 * ti['min']:.3g}, {1e3 * ti['max']:.3g}]",
+            "setup s": r.get("setup_s_estimate"),
+            "ms/it chunked": None if tc is None else 1e3 * tc["median"],
+            "iters": r.get("iters_to_tol"),
+            "s to tol": r.get("time_to_tol_s", r.get("emd_time_s")),
+            "conv": r["converged"], "err": r["error_at_stop"], "gap EMD": r["gap_to_emd"],
+            "L1 vs ref": r.get("agreement_l1_vs_torch_log"),
+        })
+    print()
+    print(table(rows, list(rows[0])))
+    for r in record["records"]:
+        if "note" in r:
+            print(f"n={r['n']} {r['solver']}: {r['note']}")
+        if r.get("agrees") is False:
+            print(f"WARNING n={r['n']} {r['solver']}: plan differs from torch-log by "
+                  f"{r['agreement_l1_vs_torch_log']:.3g} (L1) after {AGREE_ITERS} iterations")
+    print(f"load average (1, 5, 15 min) before: {record['machine']['load_avg_1_5_15']}, "
+          f"after: {record['load_avg_after']} on {record['machine']['cpu_count']} CPUs")
+    print(f"\n{len(record['records'])} records in {record['wall_s']:.0f} s; wrote {out}"
+          + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    main()
