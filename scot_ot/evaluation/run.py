@@ -194,10 +194,11 @@ def format_table(record: dict) -> str:
                          + f"  {s['pairs_per_category'][cat]:5d}")
         lines.append(f"  {'all':<14}" + "".join(f"  {100 * s['pck'][a]:8.1f}" for a in alphas))
     if len(record["solvers"]) > 1:
-        lines.append("\n" + f"{'solver':<26}" + "".join(f"  PCK@{a:<5}" for a in alphas)
+        w = max(len("solver"), *(len(name) for name in record["solvers"]))
+        lines.append("\n" + f"{'solver':<{w}}" + "".join(f"  PCK@{a:<5}" for a in alphas)
                      + "  OT s/pair  iters")
         for solver, s in record["solvers"].items():
-            lines.append(f"{solver:<26}" + "".join(f"  {100 * s['pck'][a]:8.1f}" for a in alphas)
+            lines.append(f"{solver:<{w}}" + "".join(f"  {100 * s['pck'][a]:8.1f}" for a in alphas)
                          + f"  {s['mean_ot_time_s']:9.4f}  {s['mean_n_iters']:5.0f}")
     if record.get("pairs_per_s"):
         lines.append(f"\n{record['pairs_per_s']:.2f} pairs/s (features cached per image)")
