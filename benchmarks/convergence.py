@@ -9,10 +9,12 @@ Usage::
 Pairs (rule fixed in advance, not chosen by results): in each of the split's 4
 categories, every ``(90 // k)``-th pair in csv order starting with the first, ``k =
 --pairs-per-class``: pairs 1, 19, 37, 55, 73 of a category for k = 5 (20 pairs, each
-with another source image). The default k = 1 (4 pairs, one curve pair) is what fits
-in 25 minutes on 2 shared CPU cores (the EMD reference alone takes ~10 s per problem
-there); ``--pairs-per-class 5 --curve-pairs 0`` repeats part B on 20 pairs. The first
-``--curve-pairs`` pairs also get the per-solver curves.
+with another source image). The first ``--curve-pairs`` pairs also get the
+per-solver curves. Time on the 2-core CPU machine, shared with other jobs (load
+average 5-7): the default (k = 1, one curve pair) took 31.5 min wall, 20 of them in
+part A, mostly the log-domain solvers' runs to tol at eps 0.01; part B costs about
+2.3 min wall per pair (``--pairs-per-class 5 --curve-pairs 0``: 46 min wall, 38.5
+min CPU). ``--curve-pairs 0``, ``--eps`` and ``--solvers`` cut it down.
 
 Part A, curves (``--curve-pairs`` pairs, CAM marginals): for each iterative solver
 (torch-log, torch-absorb, pot-sinkhorn, pot-sinkhorn-log, pot-sinkhorn-stabilized;
@@ -187,7 +189,7 @@ class PairProblem:
 
 
 def transfer(hs, ht, matches, kps) -> np.ndarray:
-    k = torch.as_tensor(kps, dtype=torch.float32) * torch.tensor(hs.scale)
+    k = torch.from_numpy(np.array(kps, dtype=np.float32)) * torch.tensor(hs.scale)  # copy: read-only input
     moved = transfer_keypoints(k, hs.boxes.cpu(), ht.boxes.cpu(), matches)
     return (moved / torch.tensor(ht.scale)).numpy()
 
