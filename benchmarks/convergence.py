@@ -10,11 +10,12 @@ Pairs (rule fixed in advance, not chosen by results): in each of the split's 4
 categories, every ``(90 // k)``-th pair in csv order starting with the first, ``k =
 --pairs-per-class``: pairs 1, 19, 37, 55, 73 of a category for k = 5 (20 pairs, each
 with another source image). The first ``--curve-pairs`` pairs also get the
-per-solver curves. Time on the 2-core CPU machine, shared with other jobs (load
-average 5-7): the default (k = 1, one curve pair) took 31.5 min wall, 20 of them in
-part A, mostly the log-domain solvers' runs to tol at eps 0.01; part B costs about
-2.3 min wall per pair (``--pairs-per-class 5 --curve-pairs 0``: 46 min wall, 38.5
-min CPU). ``--curve-pairs 0``, ``--eps`` and ``--solvers`` cut it down.
+per-solver curves. Time on the 2-core CPU machine (no GPU): the default (k = 1, one
+curve pair) took 8.4 min wall and 15.3 min CPU at load average 1.3-1.8 (several
+times longer when other jobs load the cores). Most of it is part A, mainly the
+log-domain solvers' runs to tol at eps 0.01. ``--pairs-per-class 5 --curve-pairs 0``
+took 46 min wall and 38.5 min CPU at load 5-6. ``--curve-pairs 0``, ``--eps`` and
+``--solvers`` cut it down.
 
 Part A, curves (``--curve-pairs`` pairs, CAM marginals): for each iterative solver
 (torch-log, torch-absorb, pot-sinkhorn, pot-sinkhorn-log, pot-sinkhorn-stabilized;
@@ -49,8 +50,9 @@ background rate: the box spanned by each image's ground-truth keypoints widened 
 10 % per side (independent of the CAM); the CAM foreground (CAM > 0.5) is recorded
 too.
 
-Writes ``benchmarks/results/convergence-<date>.json`` (machine, versions, date, every
-measurement) and PNG plots beside it; prints the tables last.
+Writes ``benchmarks/results/convergence-<date>-<time>.json`` (machine, versions, date,
+every measurement) and PNG plots beside it; prints the tables last. ``--replot JSON``
+redraws the plots and reprints the tables of an earlier record without computing.
 """
 
 from __future__ import annotations
