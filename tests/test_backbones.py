@@ -83,8 +83,8 @@ def test_shuffled_lite0_does_not(samples):
     with torch.no_grad():
         for t in backbone.net.state_dict().values():
             if t.is_floating_point():
-                flat = t.view(-1)
-                flat.copy_(flat[torch.randperm(flat.numel(), generator=g)])
+                flat = t.reshape(-1)  # a copy for channels-last weights
+                t.copy_(flat[torch.randperm(flat.numel(), generator=g)].reshape(t.shape))
     for name, x in samples.items():
         top = top5(backbone, x)
         assert not ACCEPTED[SAMPLE_INFO[name]["category"]] & set(top), (name, top)

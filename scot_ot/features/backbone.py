@@ -11,6 +11,9 @@ Conventions
   CAM), and computes nothing past them (no pooling, no classifier). Intermediate
   outputs are read with torchvision's ``create_feature_extractor`` (one FX graph per
   distinct set of ids, cached).
+- Memory layout: weights and inputs are channels-last (NHWC), which the CPU
+  convolution kernels run faster (Lite0 at 600 x 450 px: about 80 instead of 90-120
+  ms here); outputs differ from NCHW by float rounding only (about 1e-6 relative).
 - Geometry: :meth:`Backbone.receptive_field` walks the architecture (see
   :mod:`scot_ot.features.receptive_field` for the coordinate convention).
 
@@ -136,7 +139,8 @@ class Backbone(nn.Module):
             )
         ids = self.default_layers if layer_ids is None else self.check_layer_ids(layer_ids)
         nodes = tuple(dict.fromkeys([self._layers[i].node for i in ids] + [self._final_node]))
-        out = self._extractor(nodes)(self.normalize(x01))
+        x = self.normalize(x01).contiguous(memory_format=torch.channels_last)
+        out = self._extractor(nodes)(x)
         return BackboneFeatures([out[self._layers[i].node] for i in ids], out[self._final_node])
 
     def classifier(self) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -228,4 +232,4 @@ def get_backbone(
     backbone = spec.build()
     if pretrained:
         load_checkpoint(backbone.net, spec.default_weights() if weights is None else weights)
-    return backbone.eval().requires_grad_(False).to(device)
+    return backbone.eval().requires_grad_(False).to(device, memory_format=torch.channels_last)

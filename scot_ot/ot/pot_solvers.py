@@ -114,6 +114,11 @@ def _call_unbalanced(a, b, C, eps, reg_m, n_iter, warm):
     return P, log["logu"], log["logv"], (-1 if bad else n_iter)
 
 
+def _stack(xs: List[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack`` without the copy of a single problem's (n, m) plan."""
+    return xs[0].unsqueeze(0) if len(xs) == 1 else torch.stack(xs)
+
+
 @dataclass
 class PotState:
     problem: OTProblem
@@ -148,7 +153,7 @@ class PotChunkScheme:
 
     def potentials(self, s: PotState):
         p, eps = s.problem, s.problem.eps
-        lu, lv = torch.stack(s.log_u), torch.stack(s.log_v)  # (B, n), (B, m)
+        lu, lv = _stack(s.log_u), _stack(s.log_v)  # (B, n), (B, m)
         if self.kl_convention:
             return eps * lu, eps * lv
         return eps * (lu - torch.log(p.a)), eps * (lv - torch.log(p.b))
@@ -157,12 +162,12 @@ class PotChunkScheme:
         p = s.problem
         if s.failed:  # POT hit over/underflow and rolled back: report it, do not hide it
             return torch.full((p.shape[0],), math.nan, dtype=p.C.dtype, device=p.C.device)
-        P = torch.stack(s.plans)  # (B, n, m)
+        P = _stack(s.plans)  # (B, n, m)
         f, g = self.potentials(s)
         return marginal_error(p, P.sum(-1), P.sum(-2), f, g)
 
     def plan(self, s: PotState):
-        return torch.stack(s.plans)
+        return _stack(s.plans)
 
 
 class PotSolver:
