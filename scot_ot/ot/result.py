@@ -62,11 +62,24 @@ def marginal_error(
     return ra + rb
 
 
+def log_kernel(C: torch.Tensor, eps: float, row: Optional[torch.Tensor],
+               col: Optional[torch.Tensor]) -> torch.Tensor:
+    """``row_i + col_j - C_ij / eps`` (B, n, m) in one new buffer; ``row`` (B, n) and ``col``
+    (B, m) may be None (zero). Callers finish in place (``exp_``, ...), so a dense step
+    holds one n x m temporary besides the cost instead of three or four."""
+    if col is not None:
+        out = torch.sub(col[:, None, :], C, alpha=1.0 / eps)
+        return out if row is None else out.add_(row[:, :, None])
+    if row is not None:
+        return torch.sub(row[:, :, None], C, alpha=1.0 / eps)
+    return C.mul(-1.0 / eps)
+
+
 def plan_from_potentials(problem: OTProblem, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Dense plan ``a_i b_j exp((f_i + g_j - C_ij)/eps)`` (B, n, m) from (B, n), (B, m) potentials."""
-    C, eps = problem.C, problem.eps
-    log_p = (f[:, :, None] + g[:, None, :] - C) / eps  # (B, n, m)
-    return problem.a[:, :, None] * problem.b[:, None, :] * torch.exp(log_p)
+    eps = problem.eps
+    P = log_kernel(problem.C, eps, f / eps, g / eps).exp_()  # (B, n, m)
+    return P.mul_(problem.a[:, :, None]).mul_(problem.b[:, None, :])
 
 
 @dataclass(frozen=True)

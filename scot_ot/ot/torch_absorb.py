@@ -43,7 +43,7 @@ import torch
 from .iterate import iterate
 from .problem import OTProblem
 from .registry import SolverInfo
-from .result import OTResult, marginal_error
+from .result import OTResult, log_kernel, marginal_error
 from .torch_log import check_init, lse_cols, lse_rows
 
 
@@ -62,7 +62,7 @@ class AbsorbState:
 
 
 def _kernel(p: OTProblem, f0: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
-    return torch.exp((f0[:, :, None] + g0[:, None, :] - p.C) / p.eps)  # (B, n, m)
+    return log_kernel(p.C, p.eps, f0 / p.eps, g0 / p.eps).exp_()  # (B, n, m)
 
 
 def _ok(x: torch.Tensor, log_bound: float) -> bool:

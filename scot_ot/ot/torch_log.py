@@ -12,8 +12,8 @@ With ``tau_a = rho_a / (rho_a + eps)`` (1 for a hard constraint), one iteration 
 (the block-coordinate ascent of the dual of :mod:`scot_ot.ot.problem`), each
 log-sum-exp taken with its maximum subtracted, so no value overflows whatever
 ``eps`` is. Balanced, KL-unbalanced per side, semi-relaxed, batched, any device,
-any float dtype (float64 for reference use). Cost: a few dense (B, n, m)
-temporaries and one ``exp`` per entry per half-iteration.
+any float dtype (float64 for reference use). Cost: one dense (B, n, m)
+temporary, overwritten in place, and one ``exp`` per entry per half-iteration.
 
 References: Peyré & Cuturi, *Computational Optimal Transport* (2019), §4.4;
 Séjourné et al., *Sinkhorn divergences for unbalanced OT* (2019).
@@ -29,19 +29,30 @@ import torch
 from .iterate import iterate
 from .problem import OTProblem
 from .registry import SolverInfo
-from .result import OTResult, marginal_error
+from .result import OTResult, log_kernel, marginal_error
+
+
+def logsumexp_(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """``log sum exp`` along ``dim`` with the maximum subtracted, overwriting ``scores``.
+
+    Same value as ``torch.logsumexp`` without its n x m temporaries; a slice that is
+    all ``-inf`` gives ``-inf``.
+    """
+    top = scores.amax(dim=dim, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return scores.sub_(top).exp_().sum(dim=dim).log_().add_(top.squeeze(dim))
 
 
 def lse_rows(problem: OTProblem, g: torch.Tensor) -> torch.Tensor:
     """``log sum_j b_j exp((g_j - C_ij)/eps)``, shape (B, n)."""
-    scores = torch.log(problem.b)[:, None, :] + (g[:, None, :] - problem.C) / problem.eps  # (B, n, m)
-    return torch.logsumexp(scores, dim=2)  # (B, n)
+    col = g / problem.eps + torch.log(problem.b)  # (B, m)
+    return logsumexp_(log_kernel(problem.C, problem.eps, None, col), dim=2)  # (B, n)
 
 
 def lse_cols(problem: OTProblem, f: torch.Tensor) -> torch.Tensor:
     """``log sum_i a_i exp((f_i - C_ij)/eps)``, shape (B, m)."""
-    scores = torch.log(problem.a)[:, :, None] + (f[:, :, None] - problem.C) / problem.eps  # (B, n, m)
-    return torch.logsumexp(scores, dim=1)  # (B, m)
+    row = f / problem.eps + torch.log(problem.a)  # (B, n)
+    return logsumexp_(log_kernel(problem.C, problem.eps, row, None), dim=1)  # (B, m)
 
 
 @dataclass
