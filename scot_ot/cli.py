@@ -141,7 +141,8 @@ def cmd_eval(args) -> int:
               "rhm": not args.no_rhm, "exponent": args.exponent}
     try:
         record = evaluate(model, pairs, solvers, out=Path(args.out) if args.out else None,
-                          resume=args.resume, config=config, skipped=loaded.skipped)
+                          resume=args.resume, config=config, skipped=loaded.skipped,
+                          batch_size=args.batch_size)
     except KeyboardInterrupt:
         print(f"\ninterrupted: partial results in {args.out} (continue with --resume)", file=sys.stderr)
         return 130
@@ -348,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default=None, help="JSON file for the results")
     e.add_argument("--resume", action="store_true", help="continue a partial --out file")
     e.add_argument("--strict", action="store_true", help="a malformed pair is an error, not a skip")
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="images per backbone batch, equal shapes only (default: 8 on cuda, 1 on cpu)")
     add_model_args(e)
     e.set_defaults(func=cmd_eval)
 

@@ -92,6 +92,24 @@ def test_eval_two_solvers_json_and_resume(tmp_path, capsys):
     assert len(again["pairs"]) == 2 and again["pairs"][0] == first
 
 
+@pytest.mark.skipif(not WILLOW_DEV.is_dir(), reason="PF-WILLOW-dev is not beside the checkout")
+def test_eval_batched_features_give_the_same_results(tmp_path):
+    root = _mini_willow(tmp_path, 4)
+    recs = {}
+    for bs in ("1", "3"):
+        out = tmp_path / f"bs{bs}.json"
+        assert main(["eval", "--dataset", "pf-willow", "--root", str(root), "--batch-size", bs,
+                     "--out", str(out)]) == 0
+        recs[bs] = json.loads(out.read_text())
+    n_images = len({p for line in (root / "test_pairs.csv").read_text().splitlines()[1:]
+                    for p in line.split(",")[:2]})
+    for bs, rec in recs.items():
+        assert rec["feature_cache"]["misses"] == n_images and rec["feature_cache"]["batch_size"] == int(bs)
+    pck = {bs: [p["results"]["pot-sinkhorn"]["pck"] for p in rec["pairs"]] for bs, rec in recs.items()}
+    for one, three in zip(pck["1"], pck["3"]):  # equal up to a keypoint flipped by float rounding
+        assert all(abs(one[a] - three[a]) <= 0.1 + 1e-9 for a in one), (one, three)
+
+
 def test_eval_missing_root(tmp_path, capsys):
     assert main(["eval", "--dataset", "pf-willow", "--root", str(tmp_path / "none")]) == 2
     assert "none" in capsys.readouterr().err

@@ -176,3 +176,21 @@ def test_unknown_solver_and_bad_exponent():
         SCOT(solver="sinkhorn")
     with pytest.raises(ValueError, match="exponent"):
         SCOT(exponent=0)
+
+
+def test_batched_hyperpixels_equal_unbatched(model):
+    """Equal shapes share a backbone batch; every result matches its one-image extraction."""
+    pair = sample_pair(0)
+    src = Image.open(pair.src_path).convert("RGB")
+    images = [src, src.transpose(Image.FLIP_LEFT_RIGHT), Image.open(pair.trg_path), src.rotate(3)]
+    batched = model.hyperpixels_many(images, batch_size=3)
+    for img, hb in zip(images, batched):
+        h1 = model.hyperpixels(img)
+        assert hb.grid == h1.grid and hb.size == h1.size and hb.scale == h1.scale
+        torch.testing.assert_close(hb.feats, h1.feats, rtol=0, atol=2e-5)
+        torch.testing.assert_close(hb.cam, h1.cam, rtol=0, atol=2e-5)
+        assert torch.equal(hb.boxes, h1.boxes)
+        assert float((hb.weights != h1.weights).float().mean()) < 0.01  # a staircase step may flip by rounding
+    assert not torch.allclose(batched[0].feats, batched[1].feats)  # the flip is a different image
+    with pytest.raises(ValueError, match="batch_size"):
+        model.hyperpixels_many(images, batch_size=0)

@@ -11,7 +11,7 @@ that layer's cell, computed from the architecture
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,40 +65,57 @@ class HyperpixelExtractor:
         self.cam_scales = tuple(cam_scales)
         self.cam_top_k = cam_top_k
 
-    @torch.no_grad()
     def __call__(self, img: torch.Tensor, scale: Tuple[float, float],
                  mask: Optional[torch.Tensor] = None) -> Hyperpixels:
         """``img``: resized (3, H, W) in [0, 1]; ``mask``: optional (H, W) foreground in [0, 1]."""
-        H, W = img.shape[-2:]
-        maps, final = self.backbone.forward_features(img[None], self.layers)
-        feats = hyperpixel_features(maps)
+        return self.extract(img[None], [scale], [mask])[0]
+
+    @torch.no_grad()
+    def extract(self, imgs: torch.Tensor, scales: Sequence[Tuple[float, float]],
+                masks: Optional[Sequence[Optional[torch.Tensor]]] = None) -> List[Hyperpixels]:
+        """Hyperpixels of a batch of equally sized images: one backbone pass per CAM scale.
+
+        ``imgs``: (B, 3, H, W) in [0, 1]; ``scales``: B original-to-resized scales;
+        ``masks``: B optional (H, W) foreground maps (a mask replaces that image's CAM).
+        Each image's result equals its unbatched one up to float rounding.
+        """
+        B, _, H, W = imgs.shape
+        masks = [None] * B if masks is None else list(masks)
+        maps, final = self.backbone.forward_features(imgs, self.layers)
         h, w = maps[0].shape[-2:]
         rf = self.backbone.receptive_field(self.layers[0], (H, W))
-        centres, boxes = rf.centres(h, w, feats.device), rf.boxes(h, w, feats.device)
-        cam = None
-        if mask is not None:
-            cam = mask.to(feats)
-        elif self.use_cam:
-            cam = self.class_activation_map(img, final)
-        if cam is None:
-            weights = torch.ones(len(feats), dtype=feats.dtype, device=feats.device)
-        else:
-            cx = centres[:, 0].long().clamp(0, W - 1)
-            cy = centres[:, 1].long().clamp(0, H - 1)
-            weights = staircase(cam[cy, cx])
-        return Hyperpixels(feats, boxes, centres, (h, w), (W, H), scale, weights, cam)
+        centres, boxes = rf.centres(h, w, imgs.device), rf.boxes(h, w, imgs.device)
+        cams = (self.class_activation_maps(imgs, final)
+                if self.use_cam and any(m is None for m in masks) else [None] * B)
+        out = []
+        for k in range(B):
+            feats = hyperpixel_features([m[k:k + 1] for m in maps])
+            cam = masks[k].to(feats) if masks[k] is not None else cams[k]
+            if cam is None:
+                weights = torch.ones(len(feats), dtype=feats.dtype, device=feats.device)
+            else:
+                cx = centres[:, 0].long().clamp(0, W - 1)
+                cy = centres[:, 1].long().clamp(0, H - 1)
+                weights = staircase(cam[cy, cx])
+            out.append(Hyperpixels(feats, boxes, centres, (h, w), (W, H), tuple(scales[k]), weights, cam))
+        return out
 
-    def class_activation_map(self, img: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-        """Multi-scale top-k CAM (see :mod:`scot_ot.matching.cam`), (H, W) in [0, 1]."""
-        H, W = img.shape[-2:]
+    def class_activation_maps(self, imgs: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
+        """Multi-scale top-k CAMs (see :mod:`scot_ot.matching.cam`), (B, H, W) in [0, 1].
+
+        ``final``: the backbone's final features of ``imgs`` at scale 1.
+        """
+        B, _, H, W = imgs.shape
         fc_w, fc_b = self.backbone.classifier()
-        total = torch.zeros(H, W, dtype=final.dtype, device=final.device)
+        total = torch.zeros(B, H, W, dtype=final.dtype, device=final.device)
         for s in self.cam_scales:
             if s != 1.0:
                 if s * s * H * W > CAM_MAX_AREA:
                     break
-                big = F.interpolate(img[None], size=(round(H * s), round(W * s)), mode="bilinear",
+                big = F.interpolate(imgs, size=(round(H * s), round(W * s)), mode="bilinear",
                                     align_corners=True)
                 _, final = self.backbone.forward_features(big, self.layers)
-            total += cam_for_scale(final[0], fc_w, fc_b, (H, W), self.cam_top_k)
-        return total / total.max().clamp_min(1e-12)
+            for k in range(B):
+                total[k] += cam_for_scale(final[k], fc_w, fc_b, (H, W), self.cam_top_k)
+        peak = total.flatten(1).amax(dim=1).clamp_min(1e-12)  # (B,)
+        return total / peak[:, None, None]

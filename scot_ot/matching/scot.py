@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -173,6 +173,31 @@ class SCOT:
             mask = torch.as_tensor(mask, dtype=torch.float32)[None, None]
             mask = torch.nn.functional.interpolate(mask, size=img.shape[-2:], mode="nearest")[0, 0]
         return self.extractor(img, scale, mask=None if mask is None else mask.to(self.device))
+
+    def hyperpixels_many(self, images: Sequence[ImageLike], names: Optional[Sequence[str]] = None,
+                         batch_size: int = 1) -> List[Hyperpixels]:
+        """Hyperpixels of several images, in order, with the backbone run on batches.
+
+        Images whose resized shapes are equal go through the network together, up to
+        ``batch_size`` at a time (no padding, so each result equals the unbatched
+        :meth:`hyperpixels` up to float rounding). Batches pay off on a GPU; on the
+        2-core CPU they do not (``benchmarks/eval_throughput.py``).
+        """
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
+        names = [f"image {k}" for k in range(len(images))] if names is None else list(names)
+        prepared = [self.prepare(img, name) for img, name in zip(images, names)]
+        groups: Dict[Tuple[int, ...], List[int]] = {}
+        for k, (img, _) in enumerate(prepared):
+            groups.setdefault(tuple(img.shape), []).append(k)
+        out: List[Optional[Hyperpixels]] = [None] * len(prepared)
+        for idx in groups.values():
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                imgs = torch.stack([prepared[k][0] for k in chunk])
+                for k, hp in zip(chunk, self.extractor.extract(imgs, [prepared[k][1] for k in chunk])):
+                    out[k] = hp
+        return out
 
     def match_hyperpixels(self, src: Hyperpixels, trg: Hyperpixels) -> Correspondence:
         """OT + post-processing + RHM on two images' hyperpixels."""
