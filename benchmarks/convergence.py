@@ -11,7 +11,7 @@ categories, every ``(90 // k)``-th pair in csv order starting with the first, ``
 --pairs-per-class``: pairs 1, 19, 37, 55, 73 of a category for k = 5 (20 pairs, each
 with another source image). The first ``--curve-pairs`` pairs also get the
 per-solver curves. Time on the 2-core CPU machine (no GPU): the default (k = 1, one
-curve pair) took 8.4 min wall and 15.3 min CPU at load average 1.3-1.8 (several
+curve pair) took 6.4 min wall and 11.3 min CPU at load average 0.8-1.7 (several
 times longer when other jobs load the cores). Most of it is part A, mainly the
 log-domain solvers' runs to tol at eps 0.01. ``--pairs-per-class 5 --curve-pairs 0``
 took 46 min wall and 38.5 min CPU at load 5-6. ``--curve-pairs 0``, ``--eps`` and
