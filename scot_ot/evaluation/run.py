@@ -36,6 +36,9 @@ class FeatureCache:
         self.items: "OrderedDict[str, object]" = OrderedDict()
         self.hits = self.misses = 0
 
+    def __contains__(self, path) -> bool:
+        return str(path) in self.items
+
     def get(self, path) -> object:
         key = str(path)
         if key in self.items:
@@ -173,8 +176,7 @@ def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path]
     bar = tqdm(todo, desc="pairs", unit="pair", disable=not progress)
     try:
         for i, pair in enumerate(bar):
-            if batch_size > 1 and cache_size > 0 and not (str(pair.src_path) in cache.items
-                                                          and str(pair.trg_path) in cache.items):
+            if batch_size > 1 and cache_size > 0 and not (pair.src_path in cache and pair.trg_path in cache):
                 cache.prefetch([p for q in todo[i:i + lookahead] for p in (q.src_path, q.trg_path)])
             hs, ht = cache.get(pair.src_path), cache.get(pair.trg_path)
             results = {}

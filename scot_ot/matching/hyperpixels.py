@@ -87,6 +87,8 @@ class HyperpixelExtractor:
         centres, boxes = rf.centres(h, w, imgs.device), rf.boxes(h, w, imgs.device)
         cams = (self.class_activation_maps(imgs, final)
                 if self.use_cam and any(m is None for m in masks) else [None] * B)
+        cx = centres[:, 0].long().clamp(0, W - 1)  # CAM pixel under each hyperpixel centre
+        cy = centres[:, 1].long().clamp(0, H - 1)
         out = []
         for k in range(B):
             feats = hyperpixel_features([m[k:k + 1] for m in maps])
@@ -94,8 +96,6 @@ class HyperpixelExtractor:
             if cam is None:
                 weights = torch.ones(len(feats), dtype=feats.dtype, device=feats.device)
             else:
-                cx = centres[:, 0].long().clamp(0, W - 1)
-                cy = centres[:, 1].long().clamp(0, H - 1)
                 weights = staircase(cam[cy, cx])
             out.append(Hyperpixels(feats, boxes, centres, (h, w), (W, H), tuple(scales[k]), weights, cam))
         return out

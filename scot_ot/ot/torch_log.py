@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from .iterate import iterate
-from .problem import OTProblem
+from .problem import OTProblem, all_finite
 from .registry import SolverInfo
 from .result import OTResult, log_kernel, marginal_error
 
@@ -108,7 +108,7 @@ def check_init(problem: OTProblem, init) -> None:
     for name, x, size in (("init[0] (f)", init[0], n), ("init[1] (g)", init[1], m)):
         if not isinstance(x, torch.Tensor) or x.numel() != B * size:
             raise ValueError(f"{name}: expected a tensor with {B * size} entries matching the cost")
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise ValueError(f"{name}: the potential contains NaN or inf")
 
 
