@@ -127,9 +127,9 @@ class PairProblem:
         self.emd_cost = None
 
     def scot_init(self, eps: float):
-        """Potentials (f, g) whose next iteration is POT's first: ``u = 1/N`` <=> ``f = -eps log(N a)``."""
-        f = -eps * torch.log(len(self.a) * self.a)
-        return f, torch.zeros_like(self.b)
+        """The row potential whose next iteration is POT's first: ``u = 1/N`` <=> ``f = -eps log(N a)``
+        (since issue 9 also every solver's default start, :func:`scot_ot.ot.start.scot_start`)."""
+        return -eps * torch.log(len(self.a) * self.a)
 
     def rhm(self, votes: torch.Tensor) -> torch.Tensor:
         """:func:`scot_ot.matching.rhm.regularized_hough_matching` with this pair's cached bins."""
@@ -183,10 +183,11 @@ class PairProblem:
                                         "marginal_error": float(res.error), "ot_time_s": float(res.time_s)})
 
     def evaluate_nn(self) -> dict:
-        """No OT: the cosine similarity ``1 - C`` in place of the plan (then the same scores and RHM)."""
-        sim = 1.0 - self.C
-        out = self.evaluate(sim / sim.sum(), {"n_iters": 0, "converged": True, "marginal_error": None,
-                                              "ot_time_s": 0.0})
+        """No OT: the cosine similarity ``1 - C`` in place of the plan (then the same scores and RHM);
+        the registered rule ``similarity``, ``(1 - C) / sum(1 - C)`` (:mod:`scot_ot.ot.similarity`)."""
+        sim = scot_ot.solve(self.C, solver="similarity").plan  # (N, M), mass 1
+        out = self.evaluate(sim, {"n_iters": 0, "converged": True, "marginal_error": None,
+                                  "ot_time_s": 0.0})
         return {**out, "cost": None, "cost_gap": None}
 
 
@@ -255,7 +256,7 @@ def iterates(pp: PairProblem, eps_list, bar) -> dict:
                 continue
             res = scot_ot.solve(pp.C, pp.a, pp.b, solver="torch-absorb", eps=eps, max_iter=k - done,
                                 tol=0.0, check_every=k - done, init=init)
-            done, init = k, (res.f, res.g)
+            done, init = k, res.f  # a warm start is the row potential alone
             last = snaps[str(k)] = {**pp.evaluate_result(res), "n_iters": k}
         if last["marginal_error"] <= TOL:
             snaps["conv"] = {**last, "converged": True, "copied_from": last["n_iters"]}

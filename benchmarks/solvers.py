@@ -11,21 +11,24 @@ correspondence problem, which needs hundreds of iterations.
 For each size and solver, in this order:
 
 1. **agreement** (before any timing): the plan after 10 iterations against
-   ``torch-log``'s plan after 10 iterations (``pot-unbalanced`` updates ``f`` first,
-   so it is compared with ``torch-log`` on the transposed problem, whose
-   iterates it shares); L1 distance, which must be below 1e-3 (float32) / 1e-9
-   (float64);
+   ``torch-log``'s plan after 10 iterations (every solver starts from SCOT's
+   ``u = 1/n`` and runs the same iterates); L1 distance, which must be below 1e-3
+   (float32) / 1e-9 (float64);
 2. **time per iteration**: runs of ``K`` iterations with ``check_every = K`` (one
    chunk, one error check); median and spread (quartiles, min, max) over 3 to
-   ``--repeats`` repeats (within ``--solver-budget`` seconds) of ``time_s / K``, where
-   ``time_s`` is the solver's own clock (validation excluded; setup and the one check
-   included). ``K`` (10 to 500) makes a run last about ``--run-budget`` seconds and
-   keeps the setup (POT's kernel; torch-absorb's first log-domain iteration and
-   kernel) under ~20 % of it; the setup and the slope of a two-point fit are
-   recorded too. For POT the same with ``check_every = 10``: the warm-started
-   chunking that measures POT in the common metric rebuilds POT's kernel and plan
-   once per chunk (see :mod:`scot_ot.ot.pot_solvers`); the difference is that
-   overhead;
+   ``--repeats`` repeats (within ``--solver-budget`` seconds) of ``t / K``. ``t`` is a
+   run's time *with its plan*: the solver's own clock (validation excluded; setup and
+   the one check included) plus the time to build ``result.plan`` for the solvers
+   that build it lazily from the potentials (``torch-log``, ``torch-absorb``,
+   ``fused``; POT returns its plan). ``K`` (10 to 500) makes a run last about
+   ``--run-budget`` seconds and keeps the setup (POT's kernel; torch-absorb's first
+   log-domain iteration and kernel; the plan) under ~20 % of it; the setup and the
+   slope of a two-point fit (10 and 20 iterations) are recorded too. Every fit starts
+   with one untimed warm-up run, so no cold first run (allocations, caches, lazy
+   imports) enters a timing. For every solver of the common loop (``info.stopping``) the
+   same with ``check_every = 10``: the difference is what the checks cost; for POT it
+   is mostly the warm-started chunking that measures POT in the common metric, which
+   rebuilds POT's kernel and plan once per chunk (see :mod:`scot_ot.ot.pot_solvers`);
 Next to them (CPU only), POT's ``ot.sinkhorn`` on numpy arrays, timed the same way:
 the yardstick of the targets, which are printed at the end and stored under
 ``targets``: ``torch-absorb``'s time per iteration <= 1.5x numpy ``ot.sinkhorn``'s,
@@ -35,8 +38,16 @@ and >= 4x faster than ``pot-sinkhorn-log`` (POT on torch tensors), at the larges
    iterations *and* at most the iterations that fit in ``--tol-budget`` seconds at
    the measured speed; a solver stopped by the budget is recorded with
    ``converged: false`` and a ``note`` saying so (nothing is skipped silently);
-   iterations, time, error at stop, and the transport cost's relative gap to the
-   exact optimum, ``(<C, P> - OT_emd) / OT_emd`` (EMD solved once per size).
+   iterations, time (with the plan; median and spread of 1 to ``--tol-repeats``
+   runs, as many as fit in ``--tol-budget``), error at stop, and the transport
+   cost's relative gap to the exact optimum, ``(<C, P> - OT_emd) / OT_emd`` (EMD
+   solved once per size). Beside it, ``time_same_iters_one_check_s``: the same
+   number of iterations in one run with one check (``check_every = max_iter``,
+   ``tol = 0``). For the POT wrappers that is one call of POT's solver (e.g. one
+   ``ot.bregman.sinkhorn_knopp`` on the torch tensors), POT's own unchunked time; the
+   difference to the to-tol time is the wrappers' chunking for the common error
+   check. The ``ot.sinkhorn (numpy)`` record gets ``time_same_iters_s`` for the
+   reference's iteration count.
 
 Usage::
 
@@ -47,7 +58,8 @@ Usage::
 
 Writes ``benchmarks/results/solvers-<device>-<date>.json`` (``solvers-matched-...`` for
 ``--features matched``), a PNG of time per iteration against ``n`` beside it, and
-prints a table.
+prints a table. ``--note`` stores a remark on the machine (``machine_note``: for
+example that other jobs shared the CPU).
 """
 
 from __future__ import annotations
@@ -66,14 +78,23 @@ from tqdm.auto import tqdm
 
 import scot_ot
 from scot_ot import solve
+from scot_ot.ot import Family, Marginals, Stopping, solver_info
 
 EMD = "pot-emd"
 REFERENCE = "torch-log"
 AGREE_ITERS = 10
-CHUNK = 10  # the default check_every, for the chunked POT timings
+CHUNK = 10  # the default check_every, for the chunked timings
 FAST = "torch-absorb"  # our fastest stable CPU solver
 NUMPY_SINKHORN = "ot.sinkhorn (numpy)"  # yardstick of the issue's targets, not a registered solver
 AGREE_L1 = {torch.float32: 1e-3, torch.float64: 1e-9}
+
+
+def default_solvers(device: str) -> List[str]:
+    """From the registry: the entropic solvers of balanced OT (this problem) without required
+    options that run natively on ``device`` (``fused`` only on CUDA); others by ``--solvers``."""
+    return [s for s in scot_ot.available_solvers()
+            if (i := solver_info(s)).family is Family.ENTROPIC and Marginals.BALANCED in i.marginals
+            and not i.required_options and i.devices.native(torch.device(device).type)]
 
 
 def cosine_cost(n: int, d: int, features: str, noise: float, seed: int,
@@ -98,16 +119,25 @@ def plan_l1(P: torch.Tensor, Q: torch.Tensor) -> float:
     return float((P.double() - Q.double()).abs().sum())
 
 
-def reference_plan(C: torch.Tensor, eps: float, transposed: bool) -> torch.Tensor:
-    """torch-log's plan after AGREE_ITERS iterations (on C^T, transposed back, if asked)."""
-    Cx = C.T.contiguous() if transposed else C
-    P = solve(Cx, solver=REFERENCE, eps=eps, max_iter=AGREE_ITERS, check_every=AGREE_ITERS, tol=0).plan
-    return P.T.contiguous() if transposed else P
+def timed_solve(C: torch.Tensor, s: str, **kw):
+    """``solve`` and build the plan: (result, seconds). Seconds are the solver's own clock
+    (validation excluded) plus the time ``result.plan`` takes (the lazy solvers build it
+    from the potentials on first access; POT's is stored and costs nothing)."""
+    r = solve(C, solver=s, **kw)
+    t = time.perf_counter()
+    r.plan
+    if C.device.type == "cuda":
+        torch.cuda.synchronize(C.device)
+    return r, r.time_s + (time.perf_counter() - t)
 
 
-def time_per_iteration(C: torch.Tensor, s: str, args, check_every: Optional[int],
-                       t10: Optional[float] = None):
-    """Median and spread of ``time_s / K`` over repeated runs of ``K`` iterations.
+def reference_plan(C: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch-log's plan after AGREE_ITERS iterations."""
+    return solve(C, solver=REFERENCE, eps=eps, max_iter=AGREE_ITERS, check_every=AGREE_ITERS, tol=0).plan
+
+
+def time_per_iteration(C: torch.Tensor, s: str, args, check_every: Optional[int]):
+    """Median and spread of ``t / K`` over repeated runs of ``K`` iterations, ``t`` with the plan.
 
     ``check_every=None``: one chunk per run (``check_every = K``). A two-point estimate
     (10 and 20 iterations) splits a run's time into a setup (POT's kernel, torch-absorb's
@@ -119,19 +149,21 @@ def time_per_iteration(C: torch.Tensor, s: str, args, check_every: Optional[int]
     """
     def run(k: int) -> float:
         ce = k if check_every is None else check_every
-        return solve(C, solver=s, eps=args.eps, max_iter=k, check_every=ce, tol=0).time_s
+        return timed_solve(C, s, eps=args.eps, max_iter=k, check_every=ce, tol=0)[1]
 
     if check_every is None:
-        return repeated_runs(run, args, t10)
+        return repeated_runs(run, args)
+    run(check_every)  # warm-up, untimed
     est = run(2 * check_every) / (2 * check_every)
     K = int(min(max(args.run_budget / est, 2 * check_every), 500)) // check_every * check_every
     repeats = int(min(max(args.solver_budget // (K * est), 3), args.repeats))
     return spread([run(K) / K for _ in range(repeats)]), K, repeats, {}
 
 
-def repeated_runs(run: Callable[[int], float], args, t10: Optional[float] = None):
+def repeated_runs(run: Callable[[int], float], args):
     """``time_per_iteration`` for any ``run(K) -> seconds`` of K iterations in one go."""
-    t10 = run(10) if t10 is None else t10
+    run(10)  # warm-up, untimed: a cold first run must not enter the fit
+    t10 = run(10)
     t20 = run(20)
     slope = (t20 - t10) / 10
     slope = slope if slope > t20 / 200 else t20 / 20  # timing noise: fall back to the mean
@@ -143,9 +175,10 @@ def repeated_runs(run: Callable[[int], float], args, t10: Optional[float] = None
     return stats, K, repeats, {"setup_s": setup, "slope_s": slope}
 
 
-def numpy_sinkhorn_record(C: torch.Tensor, args, base: dict) -> Dict[str, object]:
+def numpy_sinkhorn_record(C: torch.Tensor, args, base: dict):
     """The issue's yardstick: POT's kernel-domain ``ot.sinkhorn`` on numpy arrays (not a
-    registered solver; no common error metric), timed like the solvers."""
+    registered solver; no common error metric), timed like the solvers.
+    Returns (record, run): ``run(k)`` times one call of ``k`` iterations."""
     import ot
 
     Cn = C.cpu().numpy()
@@ -163,7 +196,13 @@ def numpy_sinkhorn_record(C: torch.Tensor, args, base: dict) -> Dict[str, object
     return {**base, "solver": NUMPY_SINKHORN, "iters_per_run": K, "repeats": repeats,
             "time_per_iter_s": stats, "setup_s_estimate": fit["setup_s"],
             "slope_s_per_iter_estimate": fit["slope_s"], "converged": None,
-            "error_at_stop": None, "gap_to_emd": None}
+            "error_at_stop": None, "gap_to_emd": None}, run
+
+
+def repeat_within(run: Callable[[], float], first: float, budget: float, most: int) -> Dict[str, float]:
+    """Spread of ``first`` and up to ``most - 1`` more ``run()`` timings, within ``budget`` seconds."""
+    extra = int(min(most - 1, budget // max(first, 1e-9) - 1))
+    return spread([first] + [run() for _ in range(max(extra, 0))])
 
 
 def targets(records: List[Dict[str, object]]) -> Dict[str, object]:
@@ -198,31 +237,30 @@ def bench_size(n: int, solvers: List[str], args, bar) -> List[Dict[str, object]]
     del emd
     bar.update()
 
+    numpy_rec = numpy_run = None
     if args.device == "cpu":
         bar.set_postfix_str(f"n={n} {NUMPY_SINKHORN}")
-        records.append(numpy_sinkhorn_record(C, args, base))
+        numpy_rec, numpy_run = numpy_sinkhorn_record(C, args, base)
+        records.append(numpy_rec)
 
     # 1. agreement with the reference, before any timing (also the warm-up)
-    refs, agree, t10 = {}, {}, {}
+    ref, agree = reference_plan(C, args.eps), {}
     for s in solvers:
         bar.set_postfix_str(f"n={n} {s}: agreement")
-        transposed = s == "pot-unbalanced"
-        if transposed not in refs:
-            refs[transposed] = reference_plan(C, args.eps, transposed)
         r = solve(C, solver=s, eps=args.eps, max_iter=AGREE_ITERS, check_every=AGREE_ITERS, tol=0)
-        agree[s], t10[s] = plan_l1(r.plan, refs[transposed]), r.time_s
+        agree[s] = plan_l1(r.plan, ref)
         del r
-    del refs
+    del ref
 
     for s in solvers:
         rec: Dict[str, object] = {**base, "solver": s, "agreement_l1_vs_torch_log": agree[s],
                                   "agrees": agree[s] <= AGREE_L1[args.dtype]}
         # 2. time per iteration, in one chunk; for POT also in chunks of CHUNK iterations
         bar.set_postfix_str(f"n={n} {s}: per iteration")
-        stats, K, repeats, fit = time_per_iteration(C, s, args, None, t10[s])
+        stats, K, repeats, fit = time_per_iteration(C, s, args, None)
         rec.update(iters_per_run=K, repeats=repeats, time_per_iter_s=stats,
                    setup_s_estimate=fit["setup_s"], slope_s_per_iter_estimate=fit["slope_s"])
-        if s.startswith("pot-"):
+        if solver_info(s).stopping is Stopping.LOOP:
             bar.set_postfix_str(f"n={n} {s}: chunked")
             chunked, Kc, repeats_c, _ = time_per_iteration(C, s, args, CHUNK)
             rec.update(time_per_iter_chunked_s=chunked, iters_per_chunked_run=Kc,
@@ -232,9 +270,19 @@ def bench_size(n: int, solvers: List[str], args, bar) -> List[Dict[str, object]]
         bar.set_postfix_str(f"n={n} {s}: to tol")
         speed = stats["median"]
         cap = min(args.max_iter, max(CHUNK, int(args.tol_budget / speed) // CHUNK * CHUNK))
-        r = solve(C, solver=s, eps=args.eps, max_iter=cap, check_every=CHUNK, tol=args.tol)
+        r, t_tol = timed_solve(C, s, eps=args.eps, max_iter=cap, check_every=CHUNK, tol=args.tol)
         cost = transport_cost(C, r.plan)
-        rec.update(tol=args.tol, max_iter=cap, iters_to_tol=r.n_iters, time_to_tol_s=r.time_s,
+        to_tol = repeat_within(
+            lambda: timed_solve(C, s, eps=args.eps, max_iter=r.n_iters, check_every=CHUNK, tol=args.tol)[1],
+            t_tol, args.tol_budget, args.tol_repeats)
+        # the same iterations in one run with one check: for POT, one call of its solver (unchunked)
+        one = lambda: timed_solve(C, s, eps=args.eps, max_iter=r.n_iters, check_every=r.n_iters,  # noqa: E731
+                                  tol=0)[1]
+        t_one = one()
+        same = repeat_within(one, t_one, args.tol_budget, args.tol_repeats)
+        rec.update(tol=args.tol, max_iter=cap, iters_to_tol=r.n_iters, time_to_tol_s=to_tol["median"],
+                   time_to_tol_spread_s=to_tol, time_same_iters_one_check_s=same["median"],
+                   time_same_iters_one_check_spread_s=same,
                    converged=r.converged, error_at_stop=r.error, cost=cost,
                    gap_to_emd=(cost - cost_emd) / cost_emd)
         if not r.converged:
@@ -245,6 +293,13 @@ def bench_size(n: int, solvers: List[str], args, bar) -> List[Dict[str, object]]
         del r
         records.append(rec)
         bar.update()
+
+    # the numpy yardstick for the reference's iteration count to tol (one call, no chunks)
+    ref_rec = next((x for x in records if x["solver"] == REFERENCE and "iters_to_tol" in x), None)
+    if numpy_rec is not None and ref_rec is not None:
+        k = ref_rec["iters_to_tol"]
+        same = repeat_within(lambda: numpy_run(k), numpy_run(k), args.tol_budget, args.tol_repeats)
+        numpy_rec.update(iters_same=k, time_same_iters_s=same["median"], time_same_iters_spread_s=same)
     return records
 
 
@@ -287,7 +342,8 @@ def main() -> None:
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--solvers", default=None,
-                   help="comma-separated; default: every registered entropic solver (`fused` only on cuda)")
+                   help="comma-separated; default: the registered entropic solvers of balanced OT "
+                        f"without required options native on --device (cpu: {', '.join(default_solvers('cpu'))})")
     p.add_argument("--features", default="iid", choices=["iid", "matched"])
     p.add_argument("--noise", type=float, default=1.0, help="noise of --features matched")
     p.add_argument("--d", type=int, default=512, help="feature dimension")
@@ -297,6 +353,9 @@ def main() -> None:
     p.add_argument("--run-budget", type=float, default=2.0, help="seconds per timed run (picks K)")
     p.add_argument("--solver-budget", type=float, default=8.0, help="seconds of timed runs per solver and size")
     p.add_argument("--tol-budget", type=float, default=60.0, help="seconds per to-tol run at most")
+    p.add_argument("--tol-repeats", type=int, default=3,
+                   help="to-tol and same-iterations runs per solver, at most (within --tol-budget)")
+    p.add_argument("--note", default=None, help="a remark on the machine, stored as machine_note")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/solvers-<device>-<date>.json)")
@@ -309,8 +368,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sizes = [int(x) for x in args.sizes.split(",")]
     if args.solvers is None:
-        solvers = [s for s in scot_ot.available_solvers()
-                   if s != EMD and (s != "fused" or args.device.startswith("cuda"))]
+        solvers = default_solvers(args.device)
     else:
         solvers = args.solvers.split(",")
         unknown = sorted(set(solvers) - set(scot_ot.available_solvers()))
@@ -326,9 +384,11 @@ def main() -> None:
               "marginals": "uniform", "tol": args.tol, "check_every_to_tol": CHUNK,
               "max_iter": args.max_iter, "repeats": args.repeats, "run_budget_s": args.run_budget,
               "solver_budget_s": args.solver_budget, "tol_budget_s": args.tol_budget,
+              "tol_repeats": args.tol_repeats, "timings_include_plan": True, "warm_up_runs": 1,
               "agreement": f"L1 plan distance to torch-log after {AGREE_ITERS} iterations",
               "seed": args.seed}
-    record = {"benchmark": "solvers", "machine": machine(args.device), "config": config, "records": []}
+    record = {"benchmark": "solvers", "machine": machine(args.device), "machine_note": args.note,
+              "config": config, "records": []}
     t_start = time.perf_counter()
     with tqdm(total=len(sizes) * (len(solvers) + 1), desc="solvers", unit="run") as bar:
         for n in sizes:
@@ -352,6 +412,7 @@ def main() -> None:
             "ms/it chunked": None if tc is None else 1e3 * tc["median"],
             "iters": r.get("iters_to_tol"),
             "s to tol": r.get("time_to_tol_s", r.get("emd_time_s")),
+            "s same it. 1 check": r.get("time_same_iters_one_check_s", r.get("time_same_iters_s")),
             "conv": r["converged"], "err": r["error_at_stop"], "gap EMD": r["gap_to_emd"],
             "L1 vs ref": r.get("agreement_l1_vs_torch_log"),
         })

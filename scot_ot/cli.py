@@ -1,26 +1,64 @@
-"""``scot-ot``: command-line entry point (match, demo, eval, diagnose, solvers)."""
+"""``scot-ot``: command-line entry point (match, demo, eval, merge, diagnose, solvers).
+
+Every argument, solver spec and output path is checked before any image is read;
+a mistake ends the command with one line on stderr, ``scot-ot CMD: error: ...``,
+that names the argument or file, and exit status 2. Nothing half-written is left
+behind: outputs are written atomically (:mod:`scot_ot.outputs`). Ctrl-C exits with
+130 and SIGTERM with 143, after ``eval`` has saved its partial results.
+``docs/bad-inputs.md`` lists the messages.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
+import time
+import warnings
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+
+#: the OT arguments and the flags that set them
+OT_FLAGS = {"eps": "--eps", "max_iter": "--max-iter", "tol": "--tol", "check_every": "--check-every",
+            "reg_m": "--reg-m"}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's ``KeyboardInterrupt`` (so the same cleanup runs)."""
+
+
+#: torchrun ranks other than 0 say nothing on stdout and no progress (rank 0 speaks for the run)
+_QUIET = False
+
+
+def progress(message: str) -> None:
+    """One line on stderr saying what the command is doing (stdout keeps the results)."""
+    if not _QUIET:
+        print(f"scot-ot: {message} ...", file=sys.stderr, flush=True)
+
+
+def layer_list(text: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+layer_list.__name__ = "comma-separated layer ids"
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a SCOT model."""
     p.add_argument("--backbone", default="efficientnet-lite0")
-    p.add_argument("--layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
+    p.add_argument("--layers", type=layer_list, default=None,
                    help="hyperpixel layer ids, comma-separated (default: the backbone's preset)")
     p.add_argument("--weights", default=None, help="checkpoint for backbones without embedded weights")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--eps", type=float, default=0.05)
     p.add_argument("--max-iter", type=int, default=1,
                    help="OT iterations (default 1, SCOT's official setting)")
@@ -30,47 +68,137 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exponent", type=float, default=0.5)
 
 
+# ---------------------------------------------------------------------------- checks
+def _as_flag(message: str, overrides: Optional[dict] = None, spec: Optional[str] = None,
+             flag: str = "--solver") -> str:
+    """Put the flag (or the ``--solver`` spec) that set an argument in front of a library message ``"name: ..."``."""
+    head, sep, rest = message.partition(":")
+    if sep and overrides is not None and head in overrides:
+        return f"{flag} {spec!r}: {message}"
+    if sep and head in OT_FLAGS:
+        return f"{OT_FLAGS[head]}: {rest.strip()}"
+    if sep and head in ("device", "exponent"):
+        return f"--{head}: {rest.strip()}"
+    if sep and head == "solver":
+        return f"--solver: {rest.strip()}"
+    if spec is not None:
+        return f"{flag} {spec!r}: {message}"
+    return message
+
+
+def check_solver_specs(specs: List[str], args, flag: str = "--solver") -> List[Tuple[str, str, dict]]:
+    """``(spec, name, overrides)`` for each spec, after checking name, options and values with the base flags."""
+    from .evaluation.run import parse_solver_spec
+    from .matching.scot import check_ot_args
+
+    dup = sorted({s for s in specs if specs.count(s) > 1})
+    if dup:
+        raise ValueError(f"{flag}: repeated solver(s) {', '.join(dup)}")
+    base = {"eps": args.eps, "max_iter": args.max_iter, "tol": args.tol}
+    out = []
+    for spec in specs:
+        name, overrides = parse_solver_spec(spec)
+        try:
+            check_ot_args(name, **{**base, **overrides})
+        except ValueError as e:
+            msg = str(e)
+            if msg.startswith("solver:") or "does not take option" in msg:
+                raise ValueError(f"{flag} {spec!r}: {msg.removeprefix('solver: ')}") from None
+            raise ValueError(_as_flag(msg, overrides, spec, flag)) from None
+        out.append((spec, name, overrides))
+    return out
+
+
+def check_model_args(args) -> None:
+    """Backbone, device, weights and exponent, before anything is loaded."""
+    from .features import available_backbones
+    from .matching.scot import check_device
+
+    if args.backbone not in available_backbones():
+        raise ValueError(f"--backbone: unknown backbone {args.backbone!r}; available: "
+                         f"{', '.join(available_backbones())}")
+    try:
+        check_device(args.device)
+    except ValueError as e:
+        raise ValueError(_as_flag(str(e))) from None
+    if not 0 < args.exponent < float("inf"):
+        raise ValueError(f"--exponent: must be a finite number > 0, got {args.exponent!r}")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise ValueError(f"--weights: no such file: {args.weights}")
+
+
+def check_picture_out(path: str) -> Path:
+    """``--out`` for a figure: a writable file whose extension names a format matplotlib writes."""
+    from .outputs import PICTURE_FORMATS, check_output_file
+    from .plotting import pyplot
+
+    pyplot()  # ImportError naming the extra, before any work
+    return check_output_file(path, "--out", PICTURE_FORMATS)
+
+
 def build_model(args, solver: str):
+    from .features.backbone import CheckpointError, WeightsNotFoundError
     from .matching import SCOT
 
-    return SCOT(backbone=args.backbone, layers=args.layers, weights=args.weights, device=args.device,
-                solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
-                use_cam=not args.no_cam, rhm=not args.no_rhm, exponent=args.exponent)
+    progress(f"loading the {args.backbone} backbone")
+    try:
+        return SCOT(backbone=args.backbone, layers=args.layers, weights=args.weights, device=args.device,
+                    solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
+                    use_cam=not args.no_cam, rhm=not args.no_rhm, exponent=args.exponent)
+    except (CheckpointError, WeightsNotFoundError) as e:
+        raise ValueError(f"--weights: {e}" if args.weights else str(e)) from None
+    except ValueError as e:
+        msg = str(e)
+        if "layer ids" in msg:
+            raise ValueError(f"--layers: {msg}") from None
+        raise ValueError(_as_flag(msg)) from None
 
 
-def read_keypoints(path: str) -> torch.Tensor:
+def read_keypoints(path: str, flag: str = "--keypoints") -> torch.Tensor:
     """(K, 2) xy keypoints from a JSON list of pairs or a two-column text/CSV file."""
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--keypoints: no such file: {p}")
+        raise ValueError(f"{flag}: no such file: {p}")
     try:
         if p.suffix.lower() == ".json":
             arr = np.asarray(json.loads(p.read_text()), dtype=np.float32)
         else:
             arr = np.loadtxt(p, delimiter="," if p.suffix.lower() == ".csv" else None, ndmin=2,
                              dtype=np.float32)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"--keypoints: cannot read {p} as (K, 2) numbers ({e})") from None
-    if arr.ndim != 2 or arr.shape[1] != 2:
-        raise ValueError(f"--keypoints: {p} must hold K rows of x, y; got shape {arr.shape}")
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag}: cannot read {p} as (K, 2) numbers ({e})") from None
+    if arr.ndim != 2 or arr.shape[1] != 2 or arr.shape[0] == 0:
+        raise ValueError(f"{flag}: {p} must hold K >= 1 rows of x, y; got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{flag}: {p} holds NaN or infinite coordinates")
     return torch.from_numpy(arr)
 
 
-def run_match(model, src, trg, out: str, src_kps=None, gt_kps=None, title: str = "") -> dict:
+# ---------------------------------------------------------------------------- match / demo
+def run_match(model, src, trg, out: Path, src_kps=None, gt_kps=None, title: str = "") -> dict:
     """Match, transfer keypoints, draw, and return a summary dict."""
-    from .plotting import plot_matches
+    import time
 
+    from .evaluation.run import check_result
     from .matching.image import load_image
     from .matching.scot import check_keypoints
+    from .plotting import plot_matches
 
     src_full, trg_full = load_image(src, "src"), load_image(trg, "trg")
     if src_kps is not None:  # fail before any computation
         check_keypoints(src_kps, src_full.shape[2], src_full.shape[1])
-    corr = model.match(src_full, trg_full)
+    progress("extracting features and CAM of both images")
+    t = time.perf_counter()
+    hs, ht = model.hyperpixels(src_full, "src"), model.hyperpixels(trg_full, "trg")
+    t_feat = time.perf_counter() - t
+    progress(f"solving OT with {model.ot_args['solver']} and matching")
+    corr = model.match_hyperpixels(hs, ht)
+    corr.timings["features"] = t_feat
+    res = corr.ot
+    check_result(res)
     pred = corr.transfer(src_kps) if src_kps is not None else None
     src_img, _ = model.prepare(src_full, "src")
     trg_img, _ = model.prepare(trg_full, "trg")
-    res = corr.ot
     summary = {
         "src_hyperpixels": len(corr.src), "trg_hyperpixels": len(corr.trg),
         "grid_src": list(corr.src.grid), "grid_trg": list(corr.trg.grid),
@@ -79,13 +207,15 @@ def run_match(model, src, trg, out: str, src_kps=None, gt_kps=None, title: str =
         "time_s": {k: round(v, 4) for k, v in corr.timings.items()},
     }
     if pred is not None:
+        summary["source_keypoints"] = torch.as_tensor(src_kps).tolist()
         summary["transferred_keypoints"] = pred.tolist()
-    plot_matches(corr, src_img, trg_img, out, src_kps=src_kps, pred_kps=pred, gt_kps=gt_kps,
+    progress(f"drawing {out}")
+    plot_matches(corr, src_img.cpu(), trg_img.cpu(), out, src_kps=src_kps, pred_kps=pred, gt_kps=gt_kps,
                  title=title or f"{res.solver}, {res.n_iters} iteration(s)")
     return summary
 
 
-def print_summary(summary: dict, out: str) -> None:
+def print_summary(summary: dict, out) -> None:
     print(f"hyperpixels: {summary['src_hyperpixels']} -> {summary['trg_hyperpixels']}"
           f"  (grids {summary['grid_src']} / {summary['grid_trg']})")
     print(f"solver: {summary['solver']}  eps={summary['eps']:g}  iterations={summary['n_iters']}"
@@ -96,11 +226,42 @@ def print_summary(summary: dict, out: str) -> None:
     print(f"wrote {out}")
 
 
+def print_keypoints(summary: dict) -> None:
+    print("transferred keypoints (x, y in original pixels, source -> target):")
+    for k, ((x0, y0), (x1, y1)) in enumerate(zip(summary["source_keypoints"], summary["transferred_keypoints"])):
+        print(f"  {k + 1:3d}: ({x0:8.2f}, {y0:8.2f}) -> ({x1:8.2f}, {y1:8.2f})")
+
+
 def cmd_match(args) -> int:
+    from .matching.image import load_image
+    from .matching.scot import check_keypoints
+    from .outputs import check_output_file, write_json
+
+    out = check_picture_out(args.out)
+    kps_out = None
+    if args.kps_out is not None:
+        if not args.keypoints:
+            raise ValueError("--kps-out: give --keypoints too (the source keypoints to transfer)")
+        kps_out = check_output_file(args.kps_out, "--kps-out", ("json",))
+    check_model_args(args)
+    ((_, name, overrides),) = check_solver_specs([args.solver], args)
     kps = read_keypoints(args.keypoints) if args.keypoints else None
-    model = build_model(args, args.solver)
-    summary = run_match(model, args.src, args.trg, args.out, src_kps=kps)
-    print_summary(summary, args.out)
+    src, trg = load_image(args.src, "SRC"), load_image(args.trg, "TRG")  # decoded before the model loads
+    if kps is not None:
+        try:
+            check_keypoints(kps, src.shape[2], src.shape[1])
+        except ValueError as e:
+            raise ValueError(f"--keypoints {args.keypoints}: {e}") from None
+    model = build_model(args, name).with_solver(name, **overrides)
+    summary = run_match(model, src, trg, out, src_kps=kps)
+    if kps is not None:
+        print_keypoints(summary)
+    if kps_out is not None:
+        write_json({"src": str(args.src), "trg": str(args.trg), "solver": args.solver,
+                    "source_keypoints": summary["source_keypoints"],
+                    "transferred_keypoints": summary["transferred_keypoints"]}, kps_out)
+        print(f"wrote {kps_out}")
+    print_summary(summary, out)
     return 0
 
 
@@ -108,48 +269,192 @@ def cmd_demo(args) -> int:
     from .data import sample_pair
     from .evaluation.pck import pck_per_pair
 
+    out = check_picture_out(args.out)
+    check_model_args(args)
+    ((_, name, overrides),) = check_solver_specs([args.solver], args)
     pair = sample_pair()
-    model = build_model(args, args.solver)
-    summary = run_match(model, pair.src_path, pair.trg_path, args.out, src_kps=pair.src_kps,
+    model = build_model(args, name).with_solver(name, **overrides)
+    summary = run_match(model, pair.src_path, pair.trg_path, out, src_kps=pair.src_kps,
                         gt_kps=pair.trg_kps, title=f"demo: {pair.name}")
     pred = np.asarray(summary["transferred_keypoints"])
     summary["pck@0.1"] = pck_per_pair(pred, pair.trg_kps.numpy(), pair.threshold, (0.1,))[0.1]
     print(f"sample pair: {pair.name}")
-    print_summary(summary, args.out)
+    print_summary(summary, out)
     return 0
 
 
+# ---------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
-    from .datasets import load_pairs
-    from .evaluation.run import evaluate, format_table
+    """PCK of one or several solvers on a split; a shard of it with ``--shard K/N``; one rank's under torchrun."""
+    from .datasets import DatasetError, load_pairs
+    from .evaluation import distributed
+    from .evaluation.run import evaluate, format_table, read_results
+    from .evaluation.shards import parse_shard, plan_shard
+    from .outputs import check_output_dir, check_output_file
 
-    loaded = load_pairs(args.dataset, args.root, split=args.split, strict=args.strict)
-    pairs = list(loaded.pairs)[:: args.every][: args.limit]
-    print(f"{args.dataset}/{args.split}: {len(loaded.pairs)} pairs read, {len(loaded.skipped)} skipped, "
-          f"evaluating {len(pairs)}")
-    for s in loaded.skipped[:5]:
-        print(f"  skipped: {s}")
-    from .evaluation.run import parse_solver_spec
-
+    global _QUIET
+    launch = distributed.launch_from_env()  # None unless started by torchrun
+    lead = launch is None or launch.rank == 0  # the process that prints the results
+    _QUIET = not lead
+    say = print if lead else (lambda *a, **k: None)
+    if launch is not None:
+        args.device = distributed.resolve_device(args.device, launch)
+    elif args.device is None:
+        args.device = "cpu"
+    check_model_args(args)
     solvers = args.solver or ["pot-sinkhorn"]
-    names = [parse_solver_spec(s)[0] for s in solvers]  # fail on a bad spec before any work
-    model = build_model(args, names[0])
-    config = {"dataset": args.dataset, "root": str(args.root), "split": args.split, "every": args.every,
-              "limit": args.limit,
+    specs = check_solver_specs(solvers, args)
+    for flag, value in (("--every", args.every), ("--limit", args.limit), ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag}: must be an integer >= 1, got {value}")
+    levels = [parse_shard(args.shard)] if args.shard is not None else []
+    cache_dir = check_output_dir(args.cache_dir, "--cache-dir") if args.cache_dir is not None else None
+    out = check_output_file(args.out, "--out") if args.out else None
+    part = launch.part_file(out) if launch is not None and out is not None else out  # what this process saves
+    if args.resume:
+        if out is None:
+            raise ValueError("--resume: give --out FILE, the partial results to continue")
+        if part.is_file():
+            read_results(part)  # a results file? (its configuration is compared once the model is built)
+        elif part != out and out.is_file():
+            read_results(out)  # a merged torchrun record: this rank continues from its pairs
+        else:
+            say(f"--resume: {part} does not exist yet; starting a new run", file=sys.stderr)
+
+    try:
+        loaded = load_pairs(args.dataset, args.root, split=args.split, strict=args.strict)
+    except DatasetError as e:
+        raise DatasetError(f"{'--strict' if args.strict and e.line is not None else '--root'}: {e}") from None
+    pairs = list(loaded.pairs)[:: args.every][: args.limit]
+    if launch is not None:
+        levels.append((launch.rank + 1, launch.world_size))
+    plan = plan_shard(pairs, levels) if levels else None
+    todo = [pairs[i] for i in plan.order] if plan is not None else pairs
+    where = ""
+    if plan is not None:
+        where = (f" on {launch.world_size} ranks" if launch is not None else "") + \
+                (f", shard {args.shard}" if args.shard is not None else "")
+        where += f" ({'rank 0: ' if launch is not None else ''}{len(todo)} pairs, grouped by image)"
+    say(f"{args.dataset}/{args.split}: {len(loaded.pairs)} pairs read, {len(loaded.skipped)} skipped, "
+        f"evaluating {len(pairs)}{where}")
+    for s in loaded.skipped[:5]:
+        say(f"  skipped: {s}")
+    if not pairs:
+        first = f" (first skipped: {loaded.skipped[0]})" if loaded.skipped else ""
+        raise ValueError(f"--root {args.root}: no pair to evaluate in {args.dataset}/{args.split}: "
+                         f"{len(loaded.pairs)} read, {len(loaded.skipped)} skipped{first}")
+    if not todo:
+        n_shards = int(np.prod([n for _, n in levels]))
+        who = (f"--shard {args.shard}" if args.shard is not None else "torchrun") + \
+              (f" ({launch.label})" if launch is not None else "")
+        raise ValueError(f"{who}: this shard holds no pair: {len(pairs)} pair(s) to evaluate cannot fill "
+                         f"{n_shards} shards; use at most {len(pairs)}")
+
+    if launch is not None:
+        threads = distributed.threads_per_rank(launch)
+        if threads is not None:
+            torch.set_num_threads(threads)
+    model = build_model(args, specs[0][1])
+    config = {"dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
+              "every": args.every, "limit": args.limit,
               "backbone": args.backbone, "layers": list(model.extractor.layers), "eps": args.eps,
               "max_iter": args.max_iter, "tol": args.tol, "use_cam": not args.no_cam,
               "rhm": not args.no_rhm, "exponent": args.exponent}
+    if levels:
+        config["shard"] = [list(lv) for lv in levels]
+    if args.resume and part != out and not part.is_file() and out.is_file():
+        from .evaluation.pck import DEFAULT_ALPHAS
+
+        full = {**config, "solvers": solvers, "alphas": [float(a) for a in DEFAULT_ALPHAS]}  # as evaluate() has it
+        distributed.seed_part(out, part, full, {p.pair_id for p in todo})
+    if launch is not None:
+        distributed.init(launch, args.device)
+    t_start = time.perf_counter()
     try:
-        record = evaluate(model, pairs, solvers, out=Path(args.out) if args.out else None,
-                          resume=args.resume, config=config, skipped=loaded.skipped,
-                          batch_size=args.batch_size)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: partial results in {args.out} (continue with --resume)", file=sys.stderr)
-        return 130
+        record = evaluate(model, todo, solvers, out=part, resume=args.resume, config=config,
+                          skipped=loaded.skipped, batch_size=args.batch_size, strict=args.strict,
+                          cache_dir=cache_dir, shard=plan.record(pairs) if plan is not None else None,
+                          progress=lead)
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        if launch is not None and part is not None:
+            saved = (f"partial results in {out.with_name(out.stem + '.part-*-of-' + str(launch.world_size))}"
+                     f"{out.suffix} (continue with --resume)")
+        else:
+            saved = (f"partial results in {out} (continue with --resume)" if out is not None and out.is_file()
+                     else "nothing saved")
+        if lead:
+            print(f"\nscot-ot eval: {what}: {saved}", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    if launch is not None:
+        record = _gather_ranks(launch, record, out, part, time.perf_counter() - t_start)
+        if record is None:
+            return 0
     print(format_table(record))
-    if args.out:
-        print(f"wrote {args.out}")
+    new_skips = record["skipped"][len(loaded.skipped):]
+    if new_skips:
+        print(f"\nskipped while running: {len(new_skips)} pair(s)")
+        for s in new_skips[:5]:
+            print(f"  skipped: {s}")
+    if out is not None:
+        print(f"wrote {out}")
+    return _dead_solvers(record, "eval")
+
+
+def _gather_ranks(launch, record: dict, out: Optional[Path], part: Optional[Path], wall_s: float) -> Optional[dict]:
+    """Rank 0: the merged record of every rank (written to ``out``); other ranks: None. Part files go after."""
+    from .evaluation import distributed
+    from .evaluation.merge import merge_records
+    from .outputs import write_json
+
+    try:
+        records = distributed.gather_records(launch, record)
+        merged = None
+        if launch.rank == 0:
+            n_new = sum(r.get("n_new", 0) for r in records)
+            merged = merge_records(records, [f"rank {r}" for r in range(launch.world_size)],
+                                   pairs_per_s=n_new / wall_s if n_new and wall_s > 0 else None)
+            merged["ranks"] = {"world_size": launch.world_size, "threads_per_rank": torch.get_num_threads(),
+                               "wall_s": wall_s}
+            if out is not None:
+                write_json(merged, out)
+        distributed.broadcast(launch, True)  # --out is complete: the part files may go
+    finally:
+        distributed.close()
+    if part is not None and part != out:
+        part.unlink(missing_ok=True)
+    return merged
+
+
+def _dead_solvers(record: dict, command: str) -> int:
+    """1 (with one error line) if a solver failed on every pair, else 0."""
+    dead = [s for s, v in record["solvers"].items() if v["n_pairs"] == 0]
+    if dead:
+        first = record["solvers"][dead[0]]["first_failure"]
+        print(f"scot-ot {command}: error: solver(s) {', '.join(dead)} failed on every pair "
+              f"(first: {first['pair_id']}: {first['reason']})", file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_merge(args) -> int:
+    """Merge the shard files of one run (``--shard K/N`` outputs) into one record."""
+    from .evaluation.merge import merge_records, read_shard
+    from .evaluation.run import format_table
+    from .outputs import check_output_file, write_json
+
+    out = check_output_file(args.out, "--out")
+    for f in args.files:
+        if Path(f).resolve() == out.resolve():
+            raise ValueError(f"--out {args.out}: is one of the shard files; give another name")
+    records = [read_shard(f, "FILE") for f in args.files]
+    record = merge_records(records, [str(f) for f in args.files])
+    write_json(record, out)
+    print(format_table(record))
+    print(f"\nmerged {len(records)} shard file(s): {record['n_evaluated']} pairs evaluated, "
+          f"{record['n_skipped']} skipped")
+    print(f"wrote {out}")
+    return _dead_solvers(record, "merge")
 
 
 def cmd_solvers(args) -> int:
@@ -160,16 +465,10 @@ def cmd_solvers(args) -> int:
     return 0
 
 
-def _solver_list(text: str) -> List[Tuple[str, str, dict]]:
-    """``--solvers`` as (spec, name, overrides), validated before any computation.
-
-    Comma-separated specs ``NAME[:key=value,...]`` (as ``eval --solver``); a ``key=value``
-    item after a comma continues the previous spec (solver names hold no ``=``), so
-    ``pot-sinkhorn,torch-absorb:max_iter=1000,tol=1e-4,pot-emd`` is three solvers.
-    """
-    from .evaluation.run import parse_solver_spec
-    from .ot import get_solver
-
+# ---------------------------------------------------------------------------- diagnose
+def _split_specs(text: str) -> List[str]:
+    """Comma-separated specs ``NAME[:key=value,...]``; a ``key=value`` item after a comma
+    continues the previous spec (solver names hold no ``=``)."""
     specs: List[str] = []
     for item in (s.strip() for s in text.split(",")):
         if not item:
@@ -180,15 +479,7 @@ def _solver_list(text: str) -> List[Tuple[str, str, dict]]:
             specs.append(item)
     if not specs:
         raise ValueError("--solvers: give at least one solver name")
-    dup = sorted({s for s in specs if specs.count(s) > 1})
-    if dup:
-        raise ValueError(f"--solvers: repeated solver(s) {', '.join(dup)}")
-    out = []
-    for spec in specs:
-        name, overrides = parse_solver_spec(spec)
-        get_solver(name)
-        out.append((spec, name, overrides))
-    return out
+    return specs
 
 
 def _folder_name(spec: str) -> str:
@@ -197,13 +488,16 @@ def _folder_name(spec: str) -> str:
 
 
 def _read_mask(path: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"--masks: no such file: {p}")
-    with Image.open(p) as im:
-        return np.asarray(im.convert("L")) > 0
+    try:
+        with Image.open(p) as im:
+            return np.asarray(im.convert("L")) > 0
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise ValueError(f"--masks: cannot read {p} as an image ({e})") from None
 
 
 def _check_inside(kps: torch.Tensor, img: torch.Tensor, name: str) -> None:
@@ -215,9 +509,10 @@ def _check_inside(kps: torch.Tensor, img: torch.Tensor, name: str) -> None:
 def cmd_diagnose(args) -> int:
     """Many-to-one and background diagnostics of several solvers on one image pair.
 
-    Features (and the CAM) are computed once and shared by every solver. Everything
-    is computed in a staging folder beside ``--out`` and moved into ``--out`` only
-    when all solvers have succeeded, so a failure leaves nothing half-written.
+    Features (and the CAM) are computed once and shared by every solver. A solver
+    that fails numerically is recorded as failed (with its reason) and the others go
+    on. Everything is computed in a staging folder beside ``--out`` and moved into
+    ``--out`` only at the end, so a failure leaves nothing half-written.
     """
     import dataclasses
     import shutil
@@ -225,13 +520,19 @@ def cmd_diagnose(args) -> int:
 
     from .diagnostics import cam_foreground, diagnose, keypoint_foreground, mask_foreground
     from .evaluation.pck import pck_per_pair
-    from .evaluation.run import versions, write_json
+    from .evaluation.run import check_result, versions
     from .matching.image import load_image
-    from .plotting import plot_background_matches, plot_in_degree, plot_matches
+    from .outputs import check_output_dir, write_json
+    from .plotting import plot_background_matches, plot_in_degree, plot_matches, pyplot
 
-    solvers = _solver_list(args.solvers)
+    pyplot()
+    out = check_output_dir(args.out, "--out")
+    check_model_args(args)
+    solvers = check_solver_specs(_split_specs(args.solvers), args, flag="--solvers")
+    if not args.margin >= 0:
+        raise ValueError(f"--margin: must be >= 0, got {args.margin}")
     src_kps = read_keypoints(args.keypoints) if args.keypoints else None
-    trg_kps = read_keypoints(args.trg_keypoints) if args.trg_keypoints else None
+    trg_kps = read_keypoints(args.trg_keypoints, "--trg-keypoints") if args.trg_keypoints else None
     if src_kps is not None and trg_kps is not None and src_kps.shape != trg_kps.shape:
         raise ValueError(f"--keypoints {tuple(src_kps.shape)} and --trg-keypoints "
                          f"{tuple(trg_kps.shape)} must hold the same number of points")
@@ -245,6 +546,7 @@ def cmd_diagnose(args) -> int:
     # the CAM is always computed (it defines the default foreground); --no-cam only
     # makes the marginals uniform
     model = build_model(argparse.Namespace(**{**vars(args), "no_cam": False}), solvers[0][1])
+    progress("extracting features and CAM of both images")
     hs, ht = model.hyperpixels(src_full, "src"), model.hyperpixels(trg_full, "trg")
     if args.no_cam:
         hs = dataclasses.replace(hs, weights=torch.ones_like(hs.weights))
@@ -258,13 +560,18 @@ def cmd_diagnose(args) -> int:
     src_img = model.prepare(src_full, "src")[0].cpu()
     trg_img = model.prepare(trg_full, "trg")[0].cpu()
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
-        table = {}
+        table: Dict[str, dict] = {}
         for s, name, overrides in solvers:
-            corr = model.with_solver(name, **overrides).match_hyperpixels(hs, ht)
+            progress(f"solving OT with {s}")
+            try:
+                corr = model.with_solver(name, **overrides).match_hyperpixels(hs, ht)
+                check_result(corr.ot)
+            except FloatingPointError as e:
+                table[s] = {"failed": f"{type(e).__name__}: {e}"}
+                continue
             folder = stage / _folder_name(s)
             d = diagnose(corr, fg)
             d["match_time_s"] = float(sum(corr.timings.values()))
@@ -274,20 +581,25 @@ def cmd_diagnose(args) -> int:
                 d["pck@0.1"] = pck_per_pair(pred, trg_kps, float(span), (0.1,))[0.1]
             label = f"{name}, {corr.ot.n_iters} it."
             plot_matches(corr, src_img, trg_img, folder / "matches.png", src_kps=src_kps,
-                         pred_kps=pred, gt_kps=trg_kps, title=f"{label}: top matches")
+                         pred_kps=pred, gt_kps=trg_kps, title=f"{label}: mutual foreground matches")
             plot_in_degree(corr, trg_img, folder / "in_degree.png",
                            title=f"{label}: target in-degree (max {d['max_in_degree']}, "
                                  f"collision rate {d['collision_rate']:.2f})")
+            bg = d["background_rate"]
             plot_background_matches(corr, src_img, trg_img, fg, folder / "background.png",
                                     title=f"{label}: foreground ({fg.method}) into background "
-                                          f"{d['background_rate']:.1%}")
+                                          + (f"{bg:.1%}" if bg is not None and bg == bg else "(no foreground)"))
             table[s] = d
+        failed = [s for s, d in table.items() if "failed" in d]
+        if len(failed) == len(table):
+            reasons = "; ".join(f"{s}: {table[s]['failed']}" for s in failed)
+            raise FloatingPointError(f"every solver failed, nothing written: {reasons}")
         record = {"src": str(args.src), "trg": str(args.trg), "foreground": fg.describe(),
                   "config": {"backbone": args.backbone, "layers": list(model.extractor.layers),
                              "eps": args.eps, "max_iter": args.max_iter, "tol": args.tol,
                              "use_cam": not args.no_cam, "rhm": not args.no_rhm,
                              "exponent": args.exponent},
-                  "versions": versions(), "solvers": table}
+                  "versions": versions(), "solvers": table, "n_failed": len(failed)}
         write_json(record, stage / "diagnostics.json")
         out.mkdir(parents=True, exist_ok=True)
         for f in sorted(p for p in stage.rglob("*") if p.is_file()):
@@ -302,38 +614,53 @@ def cmd_diagnose(args) -> int:
 
 
 def format_diagnostics(table: dict, foreground: dict) -> str:
-    """Side-by-side table of :func:`cmd_diagnose`'s per-solver diagnostics."""
+    """Side-by-side table of :func:`cmd_diagnose`'s per-solver diagnostics (failed solvers with their reason)."""
     cols = [("iters", "n_iters", "d"), ("marg.err", "marginal_error", ".2e"),
             ("collision", "collision_rate", ".3f"), ("plan coll.", "plan_collision_rate", ".3f"),
             ("max in", "max_in_degree", "d"), ("eff/N", "effective_target_ratio", ".3f"),
             ("mutualNN", "mutual_nn_rate", ".3f"), ("backgr.", "background_rate", ".3f"),
             ("PCK@.1", "pck@0.1", ".2f"), ("OT s", "time_s", ".3f")]
-    cols = [c for c in cols if all(c[1] in d for d in table.values())]
+    ok = [d for d in table.values() if "failed" not in d]
+    cols = [c for c in cols if all(c[1] in d for d in ok)]
     w = max([24] + [len(s) + 1 for s in table])
+
+    def cell(v, fmt: str) -> str:
+        if v is None or (isinstance(v, float) and v != v):
+            return f" {'-':>10}"
+        return f" {v:>10{fmt}}"
+
     lines = [f"foreground: {foreground['method']} "
              f"(src {foreground['src_fraction']:.0%}, trg {foreground['trg_fraction']:.0%} of hyperpixels)",
              f"{'solver':<{w}}" + "".join(f" {name:>10}" for name, _, _ in cols)]
     for s, d in table.items():
-        lines.append(f"{s:<{w}}" + "".join(f" {d[key]:>10{fmt}}" for _, key, fmt in cols))
+        if "failed" in d:
+            lines.append(f"{s:<{w}} failed: {d['failed']}")
+        else:
+            lines.append(f"{s:<{w}}" + "".join(cell(d[key], fmt) for _, key, fmt in cols))
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- parser, main
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scot-ot", description=__doc__)
+    p = argparse.ArgumentParser(prog="scot-ot", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser("match", help="match two images and draw the correspondences")
     m.add_argument("src")
     m.add_argument("trg")
-    m.add_argument("--solver", default="pot-sinkhorn")
-    m.add_argument("--keypoints", help="source keypoints: JSON [[x, y], ...] or two-column text/CSV")
-    m.add_argument("--out", default="match.png")
+    m.add_argument("--solver", default="pot-sinkhorn", help="NAME or NAME:key=value,...")
+    m.add_argument("--keypoints", help="source keypoints: JSON [[x, y], ...] or two-column text/CSV; "
+                   "the transferred keypoints are printed")
+    m.add_argument("--kps-out", metavar="FILE.json", help="also write the transferred keypoints (JSON)")
+    m.add_argument("--out", default="match.png",
+                   help="the picture; its extension names the format (.png, .jpg, .pdf, .svg, ...)")
     add_model_args(m)
     m.set_defaults(func=cmd_match)
 
     d = sub.add_parser("demo", help="match a bundled real image pair")
-    d.add_argument("--solver", default="pot-sinkhorn")
-    d.add_argument("--out", default="demo.png")
+    d.add_argument("--solver", default="pot-sinkhorn", help="NAME or NAME:key=value,...")
+    d.add_argument("--out", default="demo.png",
+                   help="the picture; its extension names the format (.png, .jpg, .pdf, .svg, ...)")
     add_model_args(d)
     d.set_defaults(func=cmd_demo)
 
@@ -346,13 +673,26 @@ def parser() -> argparse.ArgumentParser:
                         "repeat to compare several")
     e.add_argument("--every", type=int, default=1, help="keep every K-th pair (a fixed subsample)")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N (kept) pairs only")
-    e.add_argument("--out", default=None, help="JSON file for the results")
+    e.add_argument("--out", default=None, help="JSON file for the results, saved after every pair")
     e.add_argument("--resume", action="store_true", help="continue a partial --out file")
-    e.add_argument("--strict", action="store_true", help="a malformed pair is an error, not a skip")
+    e.add_argument("--strict", action="store_true",
+                   help="a pair that cannot be evaluated (malformed row, missing or unreadable image, "
+                        "keypoint outside its image) is an error, not a skip")
     e.add_argument("--batch-size", type=int, default=None,
                    help="images per backbone batch, equal shapes only (default: 8 on cuda, 1 on cpu)")
+    e.add_argument("--shard", metavar="K/N", default=None,
+                   help="evaluate shard K of N (K from 1): a fixed, balanced part of the pairs, grouped by "
+                        "image; merge the N files with scot-ot merge (docs/scaling.md)")
+    e.add_argument("--cache-dir", metavar="DIR", default=None,
+                   help="keep each image's hyperpixels and CAM in DIR, keyed by image content and feature "
+                        "settings, for later runs and other shards")
     add_model_args(e)
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=cmd_eval, device=None)  # None: cpu, or cuda:LOCAL_RANK under torchrun with CUDA
+
+    mg = sub.add_parser("merge", help="merge the shard files of one eval run (scot-ot eval --shard K/N)")
+    mg.add_argument("files", nargs="+", metavar="FILE", help="the shard results files, in any order")
+    mg.add_argument("--out", required=True, help="JSON file for the merged results")
+    mg.set_defaults(func=cmd_merge)
 
     g = sub.add_parser("diagnose", help="many-to-one and background diagnostics of several solvers")
     g.add_argument("src")
@@ -379,13 +719,52 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parser().parse_args(argv)
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While inside, SIGTERM raises :class:`Terminated` in the main thread (as Ctrl-C raises KeyboardInterrupt)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, handler)
     try:
-        return args.func(args)
-    except (ValueError, OSError, ImportError) as e:
-        print(f"scot-ot {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .features.backbone import CheckpointError
+
+    from .evaluation.distributed import RankError, rank_label
+
+    global _QUIET
+    _QUIET = False  # (cmd_eval silences torchrun ranks other than 0)
+    args = parser().parse_args(argv)
+    prefix = f"scot-ot {args.command}"
+    if args.command == "eval" and rank_label():
+        prefix += f" ({rank_label()})"
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"{prefix}: warning: {message}", file=sys.stderr)
+
+    with _sigterm_as_interrupt(), warnings.catch_warnings():
+        warnings.showwarning = show_warning
+        try:
+            return args.func(args)
+        except KeyboardInterrupt as e:
+            what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            print(f"\n{prefix}: {what}; nothing written", file=sys.stderr)
+            return 143 if isinstance(e, Terminated) else 130
+        except (ValueError, OSError, ImportError, CheckpointError, FloatingPointError) as e:
+            print(f"{prefix}: error: {e}", file=sys.stderr)
+            return 2
+        except RankError as e:
+            print(f"{prefix}: error: {e}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,9 +1,8 @@
-"""PNG figures (matplotlib, the ``plot`` extra). Files are written atomically."""
+"""Figures (matplotlib, the ``plot`` extra). Files are written atomically, in the format of their extension."""
 
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -24,19 +23,19 @@ def pyplot():
 
 
 def save_figure(fig, out: os.PathLike) -> Path:
-    """Save ``fig`` as PNG via a temporary file in the same folder, then rename."""
+    """Save ``fig`` to ``out`` atomically, in the format its extension names (PNG without one).
+
+    Written through :func:`scot_ot.outputs.atomic_write`: a temporary file in the same
+    folder, renamed when complete, with the permissions the user's umask gives.
+    """
+    from .outputs import atomic_write
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
-    os.close(fd)
+    fmt = out.suffix.lower().lstrip(".") or "png"
     try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, out)
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format=fmt))
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         pyplot().close(fig)
-    return out
 
 
 def _hwc(img: torch.Tensor) -> np.ndarray:
@@ -57,42 +56,72 @@ def side_by_side(src_img: torch.Tensor, trg_img: torch.Tensor):
     return fig, ax, a.shape[1]
 
 
+def trusted_matches(corr, top: int = 60, cam_threshold: float = 0.5):
+    """The source hyperpixels whose matches :func:`plot_matches` draws, best first, and what they are.
+
+    A source ``i`` qualifies when it is foreground (the CAM at its centre exceeds
+    ``cam_threshold``; every source when the hyperpixels carry no CAM) and its match is
+    mutual (``i`` is also the best-scoring source of its target ``m(i)``). Of those,
+    the ``top`` with the highest score. Returns ``(indices (<= top,), description)``.
+    """
+    from .diagnostics import cam_mask
+
+    scores = corr.scores.detach().cpu()
+    matches = corr.matches.cpu()
+    n = scores.shape[0]
+    mutual = scores.argmax(dim=0)[matches] == torch.arange(n)  # (N,)
+    if corr.src.cam is not None:
+        fg = cam_mask(corr.src, cam_threshold).cpu()
+        where = f"foreground (CAM > {cam_threshold:g}) sources"
+    else:
+        fg = torch.ones(n, dtype=torch.bool)
+        where = "sources"
+    idx = torch.nonzero(mutual & fg).flatten()
+    idx = idx[torch.argsort(corr.confidences.cpu()[idx], descending=True)][:top]
+    text = (f"the {len(idx)} most confident mutual matches of {where} "
+            f"({int((mutual & fg).sum())} of {int(fg.sum())} are mutual)")
+    return idx, text
+
+
 def plot_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, out: os.PathLike,
                  top: int = 60, src_kps: Optional[torch.Tensor] = None,
                  pred_kps: Optional[torch.Tensor] = None, gt_kps: Optional[torch.Tensor] = None,
                  title: str = "") -> Path:
-    """The ``top`` most confident matches as coloured lines; keypoints when given.
+    """Matches a reader can trust as coloured lines (see :func:`trusted_matches`); keypoints when given.
 
-    Images are the resized ones (``corr.src.size``); keypoints are in original pixels
-    and are scaled here.
+    The legend says what the lines are. Images are the resized ones
+    (``corr.src.size``); keypoints are in original pixels and are scaled here.
     """
+    from matplotlib.lines import Line2D
+
     plt = pyplot()
     fig, ax, dx = side_by_side(src_img, trg_img)
-    order = torch.argsort(corr.confidences, descending=True)[:top].cpu()
+    order, what = trusted_matches(corr, top)
     s = corr.src.centres.cpu()[order]
     t = corr.trg.centres.cpu()[corr.matches.cpu()[order]]
-    colours = plt.cm.hsv(np.linspace(0, 1, len(order), endpoint=False))
+    colours = plt.cm.hsv(np.linspace(0, 1, max(len(order), 1), endpoint=False))
     for (x0, y0), (x1, y1), c in zip(s.tolist(), t.tolist(), colours):
         ax.plot([x0, x1 + dx], [y0, y1], "-", color=c, lw=0.8, alpha=0.8)
         ax.plot([x0, x1 + dx], [y0, y1], "o", color=c, ms=2)
+    handles = [Line2D([0], [0], color="grey", lw=0.8, marker="o", ms=2, label=f"coloured lines: {what}")]
     sxs, sxt = torch.tensor(corr.src.scale), torch.tensor(corr.trg.scale)
     if src_kps is not None:
         k = torch.as_tensor(src_kps, dtype=torch.float32) * sxs
-        ax.scatter(k[:, 0], k[:, 1], s=40, c="yellow", edgecolors="black", marker="o", zorder=5)
+        handles.append(ax.scatter(k[:, 0], k[:, 1], s=40, c="yellow", edgecolors="black", marker="o",
+                                  zorder=5, label="source keypoints"))
     if pred_kps is not None:
         k = torch.as_tensor(pred_kps, dtype=torch.float32) * sxt
-        ax.scatter(k[:, 0] + dx, k[:, 1], s=40, c="yellow", edgecolors="black", marker="o", zorder=5,
-                   label="transferred")
+        handles.append(ax.scatter(k[:, 0] + dx, k[:, 1], s=40, c="yellow", edgecolors="black", marker="o",
+                                  zorder=5, label="transferred keypoints"))
     if gt_kps is not None:
         k = torch.as_tensor(gt_kps, dtype=torch.float32) * sxt
-        ax.scatter(k[:, 0] + dx, k[:, 1], s=50, c="lime", marker="x", zorder=6,
-                   label="ground truth")
+        handles.append(ax.scatter(k[:, 0] + dx, k[:, 1], s=50, c="lime", marker="x", zorder=6,
+                                  label="ground truth (white: error)"))
         if pred_kps is not None:
             p = torch.as_tensor(pred_kps, dtype=torch.float32) * sxt
             for (x0, y0), (x1, y1) in zip(p.tolist(), k.tolist()):
                 ax.plot([x0 + dx, x1 + dx], [y0, y1], "-", color="white", lw=0.8)
-    if pred_kps is not None or gt_kps is not None:
-        ax.legend(loc="lower right", fontsize=7)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=8)
     return save_figure(fig, out)

@@ -159,13 +159,30 @@ def test_lite0_ids_are_block_outputs(lite0):
     torch.testing.assert_close(final.mean(dim=(-2, -1)) @ weight.T + bias, logits)
 
 
-def test_resnet_ids_are_bottleneck_outputs():
+def test_resnet_ids_are_residual_sums_before_relu():
+    """SCOT's hyperpixel k >= 1 is ``bn3(conv3(.)) + shortcut`` before the block's last
+    ReLU (shortcut: downsample(x) in a stage's first block, else x); id 0 is the stem's
+    max-pool; the final map is layer4's output after its ReLU. Reference from forward
+    hooks on bn3, downsample and the block input, summed here."""
     backbone = get_backbone("resnet50", pretrained=False)
     net = backbone.net
+    with torch.no_grad():  # random BN statistics, so that the sums have both signs
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0.0, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
     bottlenecks = [b for stage in (net.layer1, net.layer2, net.layer3, net.layer4) for b in stage]
-    modules = [net.maxpool] + bottlenecks  # what ids 0..16 must be, by SCOT's count
     seen = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, k=k: seen.__setitem__(k, o)) for k, m in enumerate(modules)]
+
+    def keep(key):
+        return lambda m, i, o: seen.__setitem__(key, o.clone())
+
+    hooks = [net.maxpool.register_forward_hook(keep("stem")), net.layer4.register_forward_hook(keep("final"))]
+    for k, b in enumerate(bottlenecks, start=1):
+        hooks.append(b.bn3.register_forward_hook(keep(("bn3", k))))
+        hooks.append(b.register_forward_pre_hook(lambda m, i, k=k: seen.__setitem__(("in", k), i[0].clone())))
+        if b.downsample is not None:
+            hooks.append(b.downsample.register_forward_hook(keep(("short", k))))
     x = torch.rand(1, 3, 64, 80)
     try:
         with torch.no_grad():
@@ -175,9 +192,15 @@ def test_resnet_ids_are_bottleneck_outputs():
         for h in hooks:
             h.remove()
     assert backbone.n_layer_ids == 17 and len(bottlenecks) == 16
-    for k, fmap in enumerate(maps):
-        torch.testing.assert_close(fmap, seen[k])
-    torch.testing.assert_close(final, seen[16])
+    torch.testing.assert_close(maps[0], seen["stem"])
+    negative = []
+    for k in range(1, 17):
+        shortcut = seen.get(("short", k), seen[("in", k)])
+        torch.testing.assert_close(maps[k], seen[("bn3", k)] + shortcut)
+        negative.append(float((maps[k] < 0).float().mean()))
+    assert min(negative) > 0.05, negative  # not the post-ReLU output
+    torch.testing.assert_close(final, seen["final"])
+    assert float(final.min()) >= 0  # after layer4's ReLU
     assert final.shape == (1, 2048, 2, 3)
     assert backbone.classifier()[0].shape == (1000, 2048)
 
@@ -258,7 +281,9 @@ def test_receptive_field_is_gradient_support(name, layer_id, hw):
     assert (ys.min().item(), ys.max().item()) == (centre_y - half, centre_y + half)
     assert (xs.min().item(), xs.max().item()) == (centre_x - half, centre_x + half)
     box = rf.boxes(*fmap.shape[-2:])[cy * fmap.shape[-1] + cx].tolist()
-    assert box == [centre_x - rf.size / 2, centre_y - rf.size / 2, centre_x + rf.size / 2, centre_y + rf.size / 2]
+    h = rf.size // 2  # SCOT's integer half-width: the field's own extent, as rf is odd
+    assert h == half
+    assert box == [centre_x - h, centre_y - h, centre_x + h, centre_y + h]
 
 
 # ------------------------------------------------------------------------- weights

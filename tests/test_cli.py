@@ -79,7 +79,14 @@ def test_eval_two_solvers_json_and_resume(tmp_path, capsys):
     assert rec["complete"] and len(rec["pairs"]) == 2
     for s in ("pot-sinkhorn", "torch-absorb"):
         assert set(rec["solvers"][s]["pck"]) == {"0.05", "0.1", "0.15"}
-        assert 0 <= rec["solvers"][s]["pck"]["0.1"] <= 1
+        per_pair = [p["results"][s]["pck"] for p in rec["pairs"]]
+        for pck in per_pair:  # PF-WILLOW pairs have 10 keypoints; a larger alpha accepts more
+            assert all(abs(10 * v - round(10 * v)) < 1e-12 for v in pck.values()), pck
+            assert pck["0.05"] <= pck["0.1"] <= pck["0.15"], pck
+        for alpha in ("0.05", "0.1", "0.15"):  # the dataset score is the mean of the pairs' scores
+            assert rec["solvers"][s]["pck"][alpha] == pytest.approx(
+                sum(p[alpha] for p in per_pair) / len(per_pair), rel=1e-12)
+    assert [p["results"]["pot-sinkhorn"]["n_iters"] for p in rec["pairs"]] == [1, 1]  # SCOT's default
     assert rec["config"]["dataset"] == "pf-willow" and "torch" in rec["versions"]
     assert "OT s/pair" in capsys.readouterr().out
     # resume: a partial file with one pair continues to two without redoing the first
@@ -105,9 +112,15 @@ def test_eval_batched_features_give_the_same_results(tmp_path):
                     for p in line.split(",")[:2]})
     for bs, rec in recs.items():
         assert rec["feature_cache"]["misses"] == n_images and rec["feature_cache"]["batch_size"] == int(bs)
-    pck = {bs: [p["results"]["pot-sinkhorn"]["pck"] for p in rec["pairs"]] for bs, rec in recs.items()}
-    for one, three in zip(pck["1"], pck["3"]):  # equal up to a keypoint flipped by float rounding
-        assert all(abs(one[a] - three[a]) <= 0.1 + 1e-9 for a in one), (one, three)
+    # Batching changes only how many images share a backbone call. On the CPU the features, and
+    # so everything after them, came out bit-identical (measured on these 4 pairs: equal PCKs and
+    # equal marginal errors to the last bit), so the results must be equal, not close. (A backend
+    # whose convolutions round differently by batch size would move the features by ~1e-5, see
+    # test_batched_hyperpixels_equal_unbatched, and could flip a CAM staircase step: that would
+    # show here, and deserves a look.)
+    drop_time = lambda p: {k: v for k, v in p["results"]["pot-sinkhorn"].items() if k != "ot_time_s"}  # noqa: E731
+    assert [drop_time(p) for p in recs["1"]["pairs"]] == [drop_time(p) for p in recs["3"]["pairs"]]
+    assert recs["1"]["solvers"]["pot-sinkhorn"]["pck"] == recs["3"]["solvers"]["pot-sinkhorn"]["pck"]
 
 
 def test_eval_missing_root(tmp_path, capsys):

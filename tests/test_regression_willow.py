@@ -16,8 +16,10 @@ from scot_ot.matching import SCOT
 
 WILLOW_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PF-WILLOW-dev"
 
-#: PCK@0.10 (x100) measured on this subset with SCOT() defaults (2026-11-24)
-MEASURED_PCK10 = 82.0
+#: PCK@0.10 (x100) measured on this subset with SCOT() defaults, re-measured after the
+#: faithful-SCOT changes (resize truncation, official CAM, rf // 2 boxes) on 2026-12-01;
+#: it was 82.0 before them (2026-11-24)
+MEASURED_PCK10 = 81.0
 MARGIN = 5.0
 
 

@@ -128,6 +128,9 @@ class Pair:
     src_bbox, trg_bbox: annotated object boxes ``(x0, y0, x1, y1)`` where the dataset has them.
     extra: read-only dataset-specific metadata (SPair-71k's variation flags, PF-PASCAL's
         training ``flip``, ...).
+    origin: ``(file, line)`` the loader read the pair from (1-based line, ``None`` where a
+        line does not apply), so that a pair skipped later (an image that does not
+        decode, a keypoint outside its image) is reported where it was written.
 
     Equality is identity (the record holds arrays).
     """
@@ -142,6 +145,7 @@ class Pair:
     src_bbox: Optional[Box] = None
     trg_bbox: Optional[Box] = None
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    origin: Optional[Tuple[Path, Optional[int]]] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         put = object.__setattr__
@@ -162,6 +166,15 @@ class Pair:
             if value is not None:
                 put(self, name, as_box(value, name))
         put(self, "extra", MappingProxyType(dict(self.extra)))
+        if self.origin is not None:
+            file, line = self.origin
+            put(self, "origin", (Path(file), None if line is None else int(line)))
+
+    def where(self) -> str:
+        """``file:line: pair <id>`` (or ``pair <id>`` without an origin), the prefix of messages about this pair."""
+        if self.origin is None:
+            return f"pair {self.pair_id}"
+        return _locate(*self.origin) + f"pair {self.pair_id}"
 
     @property
     def n_kps(self) -> int:

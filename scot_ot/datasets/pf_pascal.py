@@ -202,6 +202,7 @@ def load_pf_pascal(root: PathLike, split: str = "test", strict: bool = False) ->
                     src_bbox=src_box,
                     trg_bbox=trg_box,
                     extra=extra,
+                    origin=(csv_path, line),
                 )
             except ValueError as exc:
                 problems.report(csv_path, line, str(exc))

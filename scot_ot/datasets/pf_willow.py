@@ -53,7 +53,7 @@ def _resolve(root: Path, rel: str) -> Path:
     return path
 
 
-def _parse_row(row: List[str], root: Path, index: int) -> Pair:
+def _parse_row(row: List[str], root: Path, index: int, origin=None) -> Pair:
     """One csv row -> Pair; ``ValueError`` with the reason when malformed."""
     if len(row) != len(HEADER):
         raise ValueError(f"expected {len(HEADER)} columns, got {len(row)}")
@@ -81,6 +81,7 @@ def _parse_row(row: List[str], root: Path, index: int) -> Pair:
         src_kps=src,
         trg_kps=trg,
         threshold_box=keypoint_box(trg),
+        origin=origin,
     )
 
 
@@ -112,7 +113,7 @@ def load_pf_willow(root: PathLike, split: str = "test", strict: bool = False) ->
             index += 1
             line = reader.line_num
             try:
-                pair = _parse_row(row, root, index)
+                pair = _parse_row(row, root, index, origin=(csv_path, line))
             except ValueError as exc:
                 problems.report(csv_path, line, f"malformed row: {exc}")
                 continue

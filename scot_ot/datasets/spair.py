@@ -57,7 +57,7 @@ def _kps(values: Any, name: str) -> np.ndarray:
     return arr
 
 
-def _parse(ann: Dict[str, Any], root: Path, pair_id: str, category: str) -> Pair:
+def _parse(ann: Dict[str, Any], root: Path, pair_id: str, category: str, origin=None) -> Pair:
     """One annotation -> Pair; ``ValueError`` with the reason when malformed."""
     missing = [k for k in REQUIRED_KEYS if k not in ann]
     if missing:
@@ -86,6 +86,7 @@ def _parse(ann: Dict[str, Any], root: Path, pair_id: str, category: str) -> Pair
         src_bbox=as_box(ann["src_bndbox"], "src_bndbox"),
         trg_bbox=trg_bbox,
         extra=extra,
+        origin=origin,
     )
 
 
@@ -129,7 +130,7 @@ def load_spair(root: PathLike, split: str = "test", strict: bool = False) -> Loa
             try:
                 if not isinstance(ann, dict):
                     raise ValueError("top level is not an object")
-                pair = _parse(ann, root, pair_id, category)
+                pair = _parse(ann, root, pair_id, category, origin=(layout, line))
             except ValueError as exc:
                 problems.report(ann_path, None, f"malformed annotation: {exc} (listed at {layout}:{line})")
                 continue

@@ -16,8 +16,12 @@ per-category scores are the same mean over the pairs of each category.
 papers report instead.
 
 Evaluating at a resized resolution gives the same numbers when predictions, ground
-truth and threshold are all scaled by the same ratio (HPF's ``trg_intratio``); here
-everything stays in the original frame.
+truth and threshold are all scaled by the same ratio: SCOT and HPF score
+:math:`\\lVert \\hat p'_k - r p_k \\rVert \\le \\alpha r \\tau` in the resized target, with
+:math:`r` the one resize ratio of the target (``trg_intratio``) on both axes. Here
+everything stays in the original frame: :meth:`scot_ot.matching.Correspondence.transfer`
+divides its predictions by that same :math:`r`, which gives the same decisions
+(``tests/test_fidelity.py::test_pck_threshold_scales_like_the_keypoints``).
 """
 
 from __future__ import annotations

@@ -1,69 +1,149 @@
 """PCK evaluation of one or several OT solvers on a dataset split.
 
 Features are computed once per image (an image appears in many pairs) and kept in
-a small LRU cache; every solver then runs on the same hyperpixels. The JSON record
-is rewritten atomically every ``save_every`` pairs and at the end, so an
-interruption (Ctrl-C) leaves a valid partial file that ``resume`` continues.
+a small LRU cache; every solver then runs on the same hyperpixels.
+
+What can go wrong with one pair is recorded, never fatal to the run:
+
+- an image that does not decode (or is too small) and a source keypoint outside its
+  image: the pair is *skipped*, listed in ``record["skipped"]`` with the annotation
+  file, line and reason, like the pairs the loader left out (``strict=True`` raises
+  :class:`~scot_ot.datasets.DatasetError` instead);
+- a solver that fails numerically on a pair (:class:`~scot_ot.ot.errors.NumericalError`,
+  or any ``FloatingPointError``): that solver's result for the pair is
+  ``{"failed": reason}``, counted in the solver's ``n_failed`` and left out of its
+  PCK means (a PCK of 0 would blame the matching for a solver's failure).
+
+Zero evaluated pairs is an error (``ValueError``), not an empty record.
+
+The JSON record is standard JSON (``null``, never ``NaN``) and is rewritten
+atomically after every evaluated pair, so an interruption (Ctrl-C, SIGTERM, or a
+kill) loses at most the pair in flight; ``resume`` continues a partial file after
+checking that it is a results file made with the same configuration.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import math
 import platform
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..outputs import write_json as _write_json
 from .pck import DEFAULT_ALPHAS, pck_per_pair, summarize_pck
 
 
 class FeatureCache:
     """LRU cache of :class:`~scot_ot.matching.Hyperpixels` by image path.
 
-    ``misses`` counts images extracted, ``hits`` lookups served without extracting.
+    Counters, over :meth:`get` calls (``hits + misses`` = lookups that returned):
+    ``misses`` counts the first use of each extracted image (prefetched or not),
+    ``hits`` the later uses served from the cache, ``extracted`` the images that went
+    through the backbone (more than ``misses`` only when a prefetched image was
+    evicted before its use), ``unreadable`` the images that could not be used (their
+    error is remembered, not retried).
 
-    ``batch_size > 1``: on a miss, the next uncached images of the pairs ahead
-    (:meth:`prefetch`) are extracted together, in batches of equally sized images.
+    ``batch_size > 1``: :meth:`prefetch` extracts the next uncached images of the pairs
+    ahead together, in batches of equally sized images.
+
+    ``disk``: a :class:`~scot_ot.evaluation.disk_cache.DiskCache`; an image not in
+    memory is read from it when there (not ``extracted``), and stored in it after an
+    extraction. Its counters join :meth:`counters`.
     """
 
-    def __init__(self, model, capacity: int = 64, batch_size: int = 1):
-        self.model, self.capacity, self.batch_size = model, capacity, batch_size
+    def __init__(self, model, capacity: int = 64, batch_size: int = 1, disk=None):
+        self.model, self.capacity, self.batch_size, self.disk = model, capacity, batch_size, disk
         self.items: "OrderedDict[str, object]" = OrderedDict()
-        self.hits = self.misses = 0
+        self.unused: set = set()  # prefetched, not yet looked up
+        self.bad: Dict[str, Exception] = {}
+        self.hits = self.misses = self.extracted = 0
 
     def __contains__(self, path) -> bool:
         return str(path) in self.items
 
     def get(self, path) -> object:
+        """The hyperpixels of ``path``; re-raises the :class:`ImageError` of an unreadable image."""
         key = str(path)
+        if key in self.bad:
+            raise self.bad[key]
         if key in self.items:
-            self.hits += 1
             self.items.move_to_end(key)
+            if key in self.unused:
+                self.unused.discard(key)
+                self.misses += 1
+            else:
+                self.hits += 1
             return self.items[key]
+        hp = self._extract_one(key)
         self.misses += 1
-        hp = self.model.hyperpixels(path, name=key)
         self._put(key, hp)
+        return hp
+
+    def _extract_one(self, key: str) -> object:
+        from ..matching.image import ImageError
+
+        if self.disk is not None:
+            hp = self.disk.load(key)
+            if hp is not None:
+                return hp
+        try:
+            hp = self.model.hyperpixels(key, name="image")
+        except ImageError as e:
+            self.bad[key] = e
+            raise
+        self.extracted += 1
+        if self.disk is not None:
+            self.disk.save(key, hp)
         return hp
 
     def prefetch(self, paths: Sequence) -> None:
         """Extract the uncached ones of ``paths`` (in order, at most ``capacity // 2``) in batches."""
-        todo = [k for k in dict.fromkeys(str(p) for p in paths) if k not in self.items]
+        from ..matching.image import ImageError
+
+        todo = [k for k in dict.fromkeys(str(p) for p in paths) if k not in self.items and k not in self.bad]
         todo = todo[: max(1, self.capacity // 2)]
+        if self.disk is not None:
+            stored = [(key, self.disk.load(key)) for key in todo]
+            for key, hp in stored:
+                if hp is not None:
+                    self.unused.add(key)
+                    self._put(key, hp)
+            todo = [key for key, hp in stored if hp is None]
         if not todo:
             return
-        for key, hp in zip(todo, self.model.hyperpixels_many(todo, todo, self.batch_size)):
-            self.misses += 1
+        try:
+            extracted = list(zip(todo, self.model.hyperpixels_many(todo, ["image"] * len(todo), self.batch_size)))
+        except ImageError:  # one bad image spoils the batch: take them one by one
+            extracted = []
+            for key in todo:
+                try:
+                    extracted.append((key, self.model.hyperpixels(key, name="image")))
+                except ImageError as e:
+                    self.bad[key] = e
+        for key, hp in extracted:
+            self.extracted += 1
+            if self.disk is not None:
+                self.disk.save(key, hp)
+            self.unused.add(key)
             self._put(key, hp)
 
     def _put(self, key: str, hp) -> None:
         self.items[key] = hp
         if len(self.items) > self.capacity:
-            self.items.popitem(last=False)
+            old, _ = self.items.popitem(last=False)
+            self.unused.discard(old)
+
+    def counters(self) -> Dict[str, int]:
+        out = {"hits": self.hits, "misses": self.misses, "extracted": self.extracted,
+               "unreadable": len(self.bad), "batch_size": self.batch_size}
+        if self.disk is not None:
+            out.update(self.disk.counters())
+        return out
 
 
 def parse_solver_spec(spec: str) -> Tuple[str, dict]:
@@ -71,13 +151,15 @@ def parse_solver_spec(spec: str) -> Tuple[str, dict]:
 
     Values are read as int, then float (``inf`` allowed); the overrides go to
     :meth:`scot_ot.SCOT.with_solver` (``eps, max_iter, tol, check_every, reg_m`` or
-    the solver's own options).
+    the solver's own options), which checks them.
     """
     name, _, rest = spec.partition(":")
+    if not name.strip():
+        raise ValueError(f"--solver: no solver name in {spec!r}")
     overrides = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
-        if not eq:
+        if not eq or not key.strip():
             raise ValueError(f"--solver: expected key=value in {spec!r}, got {item!r}")
         try:
             overrides[key.strip()] = int(value)
@@ -102,102 +184,277 @@ def versions() -> Dict[str, str]:
 
 
 def write_json(record: dict, out: Path) -> None:
-    """Write ``record`` to ``out`` atomically (temp file + rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=out.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(record, fh, indent=1)
-    os.replace(tmp, out)
+    """Write ``record`` to ``out`` atomically as standard JSON (NaN -> null), mode 0666 & ~umask."""
+    _write_json(record, out)
 
 
+def check_result(res) -> None:
+    """``NumericalError`` unless the OT result ``res`` has a finite error and a finite, non-zero plan."""
+    from ..ot.errors import NumericalError
+
+    err = float(res.error)
+    detail = None
+    if not math.isfinite(err):
+        detail = f"the marginal error is {err}"
+    else:
+        total = float(res.plan.sum())
+        if not math.isfinite(total):
+            detail = "the plan holds NaN or inf"
+        elif total <= 0:
+            detail = "the plan is all zeros"
+    if detail is not None:
+        raise NumericalError(res.solver, res.problem.eps, res.plan.dtype, detail)
+
+
+# ------------------------------------------------------------------------ results files
+_RESULT_KEYS = ("config", "pairs")
+
+
+def read_results(path: Path, arg: str = "--resume", hint: str = "use another --out, or drop --resume to overwrite it"
+                 ) -> dict:
+    """The results record in ``path``, or ``ValueError`` naming ``arg``, the file and what is wrong (then ``hint``)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{arg}: cannot read {path} ({getattr(e, 'strerror', None) or e})") from None
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{arg}: {path} is not valid JSON ({e.msg}: line {e.lineno} column {e.colno}); "
+                         f"{hint}") from None
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{arg}: {path} is not a scot-ot eval results file ({what}); {hint}")
+
+    if not isinstance(rec, dict):
+        raise bad(f"its top level is a {type(rec).__name__}, not an object")
+    missing = [k for k in _RESULT_KEYS if k not in rec]
+    if missing:
+        raise bad(f"no {' or '.join(repr(k) for k in missing)} key")
+    config, pairs = rec["config"], rec["pairs"]
+    if not isinstance(config, dict) or not isinstance(config.get("solvers"), list) \
+            or not isinstance(config.get("alphas"), list):
+        raise bad("'config' lacks its 'solvers' or 'alphas' list")
+    if not isinstance(pairs, list):
+        raise bad("'pairs' is not a list")
+    alphas = {_key(float(a)) for a in config["alphas"] if isinstance(a, (int, float))}
+    seen = set()
+    for k, p in enumerate(pairs):
+        where = f"pairs[{k}]"
+        if not isinstance(p, dict) or not isinstance(p.get("pair_id"), str) \
+                or not isinstance(p.get("category"), str) or not isinstance(p.get("results"), dict):
+            raise bad(f"{where} is not an object with 'pair_id', 'category' and 'results'")
+        if p["pair_id"] in seen:
+            raise bad(f"{where}: pair {p['pair_id']!r} appears twice")
+        seen.add(p["pair_id"])
+        for s in config["solvers"]:
+            r = p["results"].get(s)
+            if isinstance(r, dict) and isinstance(r.get("failed"), str):
+                continue
+            pck = r.get("pck") if isinstance(r, dict) else None
+            if not isinstance(pck, dict) or set(pck) != alphas or not all(
+                    isinstance(v, (int, float)) and 0 <= v <= 1 for v in pck.values()) \
+                    or not all(isinstance(r.get(f), (int, float)) for f in ("ot_time_s", "n_iters")):
+                raise bad(f"{where} ({p['pair_id']}): no valid result for solver {s!r}")
+    return rec
+
+
+def _same_root(a: Any, b: Any) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (TypeError, OSError):
+        return a == b
+
+
+def config_diff(old: dict, new: dict) -> List[str]:
+    """The keys on which two run configurations differ, as ``"key: old -> new"`` (root paths resolved)."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, "(absent)"), new.get(k, "(absent)")
+        if k == "root" and isinstance(a, str) and isinstance(b, str) and _same_root(a, b):
+            continue
+        if a != b:
+            out.append(f"{k}: {json.dumps(a)} in the file, {json.dumps(b)} now")
+    return out
+
+
+# ------------------------------------------------------------------------ summaries
 def _key(alpha: float) -> str:
     return f"{alpha:g}"
 
 
 def summarize(record: dict) -> None:
-    """Fill ``record["solvers"]`` from the per-pair results (PCK means, per category, OT time)."""
+    """Fill ``record["solvers"]`` from the per-pair results (PCK means, per category, OT time, failures).
+
+    Pairs where a solver failed are counted in its ``n_failed`` and left out of its
+    means; ``n_pairs`` counts the pairs it solved. With no solved pair its ``pck``
+    values are ``None``.
+    """
     alphas = record["config"]["alphas"]
     record["solvers"] = {}
     for solver in record["config"]["solvers"]:
-        rows = [(p["category"], {float(k): v for k, v in p["results"][solver]["pck"].items()})
-                for p in record["pairs"]]
-        if not rows:
-            continue
-        s = summarize_pck(rows, alphas)
-        times = [p["results"][solver]["ot_time_s"] for p in record["pairs"]]
-        iters = [p["results"][solver]["n_iters"] for p in record["pairs"]]
-        record["solvers"][solver] = {
-            "pck": {_key(a): s.mean[a] for a in alphas},
-            "per_category": {c: {_key(a): v[a] for a in alphas} for c, v in s.per_category.items()},
-            "pairs_per_category": s.n_pairs_per_category,
-            "mean_ot_time_s": float(np.mean(times)),
-            "mean_n_iters": float(np.mean(iters)),
-            "n_pairs": s.n_pairs,
+        ok = [p for p in record["pairs"] if "failed" not in p["results"][solver]]
+        failed = [p for p in record["pairs"] if "failed" in p["results"][solver]]
+        entry: Dict[str, Any] = {
+            "pck": {_key(a): None for a in alphas}, "per_category": {}, "pairs_per_category": {},
+            "mean_ot_time_s": None, "mean_n_iters": None, "n_pairs": len(ok), "n_failed": len(failed),
+            "first_failure": ({"pair_id": failed[0]["pair_id"], "reason": failed[0]["results"][solver]["failed"]}
+                              if failed else None),
         }
+        if ok:
+            s = summarize_pck([(p["category"], {float(k): v for k, v in p["results"][solver]["pck"].items()})
+                               for p in ok], alphas)
+            entry.update({
+                "pck": {_key(a): s.mean[a] for a in alphas},
+                "per_category": {c: {_key(a): v[a] for a in alphas} for c, v in s.per_category.items()},
+                "pairs_per_category": s.n_pairs_per_category,
+                "mean_ot_time_s": float(np.mean([p["results"][solver]["ot_time_s"] for p in ok])),
+                "mean_n_iters": float(np.mean([p["results"][solver]["n_iters"] for p in ok])),
+            })
+        record["solvers"][solver] = entry
+
+
+# ------------------------------------------------------------------------ the run
+def _evaluate_pair(models: dict, hs, ht, pair, alphas) -> Dict[str, dict]:
+    """Every solver on one pair; ``FloatingPointError`` -> ``{"failed": reason}``; ``ValueError`` propagates."""
+    from ..matching.scot import check_keypoints
+
+    sx, sy = hs.scale
+    W, H = hs.size  # the bound Correspondence.transfer checks, before any solver runs
+    check_keypoints(pair.src_kps, (W + 1) / sx, (H + 1) / sy)
+    results = {}
+    for s, m in models.items():
+        try:
+            corr = m.match_hyperpixels(hs, ht)
+            check_result(corr.ot)
+        except FloatingPointError as e:
+            results[s] = {"failed": f"{type(e).__name__}: {e}"}
+            continue
+        pred = corr.transfer(pair.src_kps).numpy()  # ValueError: keypoints outside the source image
+        if not np.all(np.isfinite(pred)):
+            results[s] = {"failed": "FloatingPointError: transferred keypoints are not finite"}
+            continue
+        pck = pck_per_pair(pred, pair.trg_kps, pair.pck_threshold(), alphas)
+        results[s] = {"pck": {_key(a): v for a, v in pck.items()},
+                      "ot_time_s": corr.timings["ot"], "n_iters": corr.ot.n_iters,
+                      "marginal_error": corr.ot.error}
+    return results
 
 
 def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path] = None,
              alphas: Sequence[float] = DEFAULT_ALPHAS, resume: bool = False, config: Optional[dict] = None,
-             progress: bool = True, save_every: int = 10, skipped: Sequence = (),
-             cache_size: int = 64, batch_size: Optional[int] = None) -> dict:
+             progress: bool = True, save_every: int = 1, skipped: Sequence = (),
+             cache_size: int = 64, batch_size: Optional[int] = None, strict: bool = False,
+             cache_dir: Optional[Path] = None, shard: Optional[dict] = None) -> dict:
     """Evaluate ``model`` with each of ``solvers`` on ``pairs``; returns the JSON record.
 
     ``solvers`` are specs for :func:`parse_solver_spec` (results are keyed by the
-    spec). ``model`` is a :class:`scot_ot.SCOT`; each solver runs through
-    :meth:`SCOT.with_solver` on the same hyperpixels, cached for the last
-    ``cache_size`` images. ``batch_size``: images per backbone batch (None: 8 on CUDA,
-    1 on the CPU, where batches measured slower).
+    spec), all checked before any image is read. ``model`` is a :class:`scot_ot.SCOT`;
+    each solver runs through :meth:`SCOT.with_solver` on the same hyperpixels, cached
+    for the last ``cache_size`` images. ``batch_size``: images per backbone batch
+    (None: 8 on CUDA, 1 on the CPU, where batches measured slower).
+
+    ``out``: the record is written there after every ``save_every`` evaluated pairs
+    (default: every pair) and at the end. ``resume``: continue the partial record in
+    ``out`` (ValueError if it is not a results file, or was made with another
+    configuration: the message lists the differing keys). ``skipped``: the loader's
+    skipped pairs, recorded. ``strict``: a pair that cannot be evaluated raises
+    :class:`~scot_ot.datasets.DatasetError` instead of being skipped.
+
+    ``cache_dir``: also keep each image's hyperpixels on disk there
+    (:class:`~scot_ot.evaluation.disk_cache.DiskCache`), for later runs and other
+    shards. ``shard``: what :meth:`~scot_ot.evaluation.shards.ShardPlan.record` says of
+    the shard that ``pairs`` are (stored as ``record["shard"]`` for
+    :func:`~scot_ot.evaluation.merge.merge_records`).
+
+    Raises ValueError when there is no pair to evaluate or none could be evaluated.
     """
     from tqdm.auto import tqdm
 
-    config = {**(config or {}), "solvers": list(solvers), "alphas": [float(a) for a in alphas]}
-    record = {"config": config, "versions": versions(), "machine": platform.machine(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n_pairs_total": len(pairs),
-              "skipped": [str(s) for s in skipped], "pairs": [], "complete": False}
-    if resume and out is not None and Path(out).is_file():
-        old = json.loads(Path(out).read_text())
-        if old.get("config") != config:
-            raise ValueError(f"--resume: {out} was made with another configuration; "
-                             "use another --out or drop --resume")
-        record["pairs"] = old["pairs"]
-    done = {p["pair_id"] for p in record["pairs"]}
-    todo = [p for p in pairs if p.pair_id not in done]
+    from ..datasets import DatasetError
+
+    solvers = list(solvers)
+    if not solvers:
+        raise ValueError("solvers: give at least one solver")
+    dup = sorted({s for s in solvers if solvers.count(s) > 1})
+    if dup:
+        raise ValueError(f"--solver: repeated solver spec(s) {', '.join(dup)}")
     models = {}
     for spec in solvers:
         name, overrides = parse_solver_spec(spec)
-        models[spec] = model.with_solver(name, **overrides)
+        try:
+            models[spec] = model.with_solver(name, **overrides)
+        except ValueError as e:
+            raise ValueError(f"--solver {spec!r}: {e}") from None
     if batch_size is None:
         batch_size = 8 if model.device.type == "cuda" else 1
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: must be an integer >= 1, got {batch_size!r}")
-    cache = FeatureCache(model, capacity=cache_size, batch_size=batch_size)
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every: must be an integer >= 1, got {save_every!r}")
+
+    config = {**(config or {}), "solvers": solvers, "alphas": [float(a) for a in alphas]}
+    record = {"config": config, "versions": versions(), "machine": platform.machine(),
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n_pairs_total": len(pairs),
+              "skipped": [str(s) for s in skipped], "pairs": [], "complete": False}
+    if shard is not None:
+        record["shard"] = shard
+    if resume and out is not None and Path(out).is_file():
+        old = read_results(Path(out))
+        diff = config_diff(old["config"], config)
+        if diff:
+            raise ValueError(f"--resume: {out} was made with another configuration ({'; '.join(diff)}); "
+                             "use another --out, or drop --resume to overwrite it")
+        record["pairs"] = old["pairs"]
+    done = {p["pair_id"] for p in record["pairs"]}
+    todo = [p for p in pairs if p.pair_id not in done]
+    if not todo and not record["pairs"]:
+        raise ValueError("pairs: no pair to evaluate (the split is empty, or every pair was skipped"
+                         + (f"; first: {record['skipped'][0]}" if record["skipped"] else "") + ")")
+
+    n_loader_skips = len(record["skipped"])
+    disk = None
+    if cache_dir is not None:
+        from .disk_cache import DiskCache
+
+        disk = DiskCache(cache_dir, model)
+    cache = FeatureCache(model, capacity=cache_size, batch_size=batch_size, disk=disk)
     lookahead = 4 * batch_size  # pairs whose images a prefetch may extract
-    t_start, n_new = time.perf_counter(), 0
+    t_start, n_new, n_unsaved = time.perf_counter(), 0, 0
     bar = tqdm(todo, desc="pairs", unit="pair", disable=not progress)
+
+    def skip(pair, reason: str) -> None:
+        if strict:
+            file, line = pair.origin if pair.origin is not None else (None, None)
+            raise DatasetError(f"pair {pair.pair_id}: {reason}", file=file, line=line)
+        record["skipped"].append(f"{pair.where()}: {reason}")
+
     try:
         for i, pair in enumerate(bar):
             if batch_size > 1 and cache_size > 0 and not (pair.src_path in cache and pair.trg_path in cache):
                 cache.prefetch([p for q in todo[i:i + lookahead] for p in (q.src_path, q.trg_path)])
-            hs, ht = cache.get(pair.src_path), cache.get(pair.trg_path)
-            results = {}
-            for s, m in models.items():
-                corr = m.match_hyperpixels(hs, ht)
-                pred = corr.transfer(pair.src_kps).numpy()
-                pck = pck_per_pair(pred, pair.trg_kps, pair.pck_threshold(), alphas)
-                results[s] = {"pck": {_key(a): v for a, v in pck.items()},
-                              "ot_time_s": corr.timings["ot"], "n_iters": corr.ot.n_iters,
-                              "marginal_error": corr.ot.error}
-            record["pairs"].append({"pair_id": pair.pair_id, "category": pair.category,
-                                    "results": results})
+            try:
+                hs, ht = cache.get(pair.src_path), cache.get(pair.trg_path)
+                results = _evaluate_pair(models, hs, ht, pair, alphas)
+            except ValueError as e:  # ImageError (cannot read, too small) or keypoints outside the image
+                skip(pair, str(e))
+                continue
+            record["pairs"].append({"pair_id": pair.pair_id, "category": pair.category, "results": results})
             n_new += 1
-            if out is not None and n_new % save_every == 0:
+            n_unsaved += 1
+            if out is not None and n_unsaved >= save_every:
                 _finish(record, t_start, n_new, cache, out, complete=False)
-    except KeyboardInterrupt:
+                n_unsaved = 0
+    except (KeyboardInterrupt, DatasetError):
         bar.close()
-        if out is not None:
+        if out is not None and record["pairs"]:
             _finish(record, t_start, n_new, cache, out, complete=False)
         raise
     bar.close()
+    if not record["pairs"]:
+        first = record["skipped"][n_loader_skips] if len(record["skipped"]) > n_loader_skips else "?"
+        raise ValueError(f"no pair could be evaluated: all {len(todo)} were skipped (first: {first})")
     _finish(record, t_start, n_new, cache, out, complete=True)
     return record
 
@@ -205,31 +462,45 @@ def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path]
 def _finish(record: dict, t_start: float, n_new: int, cache: FeatureCache, out, complete: bool) -> None:
     elapsed = time.perf_counter() - t_start
     record["complete"] = complete
-    record["pairs_per_s"] = n_new / elapsed if elapsed > 0 else None
-    record["feature_cache"] = {"hits": cache.hits, "misses": cache.misses, "batch_size": cache.batch_size}
+    record["n_evaluated"] = len(record["pairs"])
+    record["n_new"] = n_new
+    record["n_skipped"] = len(record["skipped"])
+    record["pairs_per_s"] = n_new / elapsed if elapsed > 0 and n_new else None
+    record["feature_cache"] = cache.counters()
     summarize(record)
     if out is not None:
         write_json(record, Path(out))
 
 
+def _pct(v: Optional[float], width: int = 8) -> str:
+    return f"{100 * v:{width}.1f}" if v is not None else f"{'-':>{width}}"
+
+
 def format_table(record: dict) -> str:
-    """Per-category PCK per solver, then a side-by-side summary (PCK and OT time)."""
+    """Per-category PCK per solver, then a side-by-side summary (PCK and OT time), and the failures."""
     alphas = [_key(a) for a in record["config"]["alphas"]]
     lines: List[str] = []
     for solver, s in record["solvers"].items():
-        lines.append(f"\n{solver}  ({s['n_pairs']} pairs)")
+        failed = f", {s['n_failed']} failed" if s.get("n_failed") else ""
+        lines.append(f"\n{solver}  ({s['n_pairs']} pairs{failed})")
         lines.append(f"  {'category':<14}" + "".join(f"  PCK@{a:<5}" for a in alphas) + "  pairs")
         for cat, v in s["per_category"].items():
-            lines.append(f"  {cat:<14}" + "".join(f"  {100 * v[a]:8.1f}" for a in alphas)
+            lines.append(f"  {cat:<14}" + "".join(f"  {_pct(v[a])}" for a in alphas)
                          + f"  {s['pairs_per_category'][cat]:5d}")
-        lines.append(f"  {'all':<14}" + "".join(f"  {100 * s['pck'][a]:8.1f}" for a in alphas))
+        lines.append(f"  {'all':<14}" + "".join(f"  {_pct(s['pck'][a])}" for a in alphas))
+        if s.get("n_failed"):
+            first = s["first_failure"]
+            lines.append(f"  failed on {s['n_failed']} pair(s), left out of the PCK; first: "
+                         f"{first['pair_id']}: {first['reason']}")
     if len(record["solvers"]) > 1:
         w = max(len("solver"), *(len(name) for name in record["solvers"]))
         lines.append("\n" + f"{'solver':<{w}}" + "".join(f"  PCK@{a:<5}" for a in alphas)
-                     + "  OT s/pair  iters")
+                     + "  OT s/pair  iters  failed")
         for solver, s in record["solvers"].items():
-            lines.append(f"{solver:<{w}}" + "".join(f"  {100 * s['pck'][a]:8.1f}" for a in alphas)
-                         + f"  {s['mean_ot_time_s']:9.4f}  {s['mean_n_iters']:5.0f}")
+            t = f"{s['mean_ot_time_s']:9.4f}" if s["mean_ot_time_s"] is not None else f"{'-':>9}"
+            it = f"{s['mean_n_iters']:5.0f}" if s["mean_n_iters"] is not None else f"{'-':>5}"
+            lines.append(f"{solver:<{w}}" + "".join(f"  {_pct(s['pck'][a])}" for a in alphas)
+                         + f"  {t}  {it}  {s.get('n_failed', 0):6d}")
     if record.get("pairs_per_s"):
         lines.append(f"\n{record['pairs_per_s']:.2f} pairs/s (features cached per image)")
     return "\n".join(lines)

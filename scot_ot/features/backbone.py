@@ -6,7 +6,8 @@ Conventions
   (:meth:`Backbone.normalize`), so callers never pass normalised images.
 - Layer ("hyperpixel") ids count as in HPF/SCOT: an id names the output of one
   block; the backbone modules document which (ResNet: 0 = after the stem max-pool,
-  k = k-th bottleneck; EfficientNet-Lite: k = MBConv block k).
+  k = k-th bottleneck's residual sum before its last ReLU, as SCOT; EfficientNet-Lite:
+  k = MBConv block k, which ends without an activation).
 - :meth:`Backbone.forward_features` always also returns the final conv features (for
   CAM), and computes nothing past them (no pooling, no classifier). Intermediate
   outputs are read with torchvision's ``create_feature_extractor`` (one FX graph per
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
@@ -165,12 +167,27 @@ def load_checkpoint(net: nn.Module, path: PathLike) -> None:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightsNotFoundError(f"weights file not found: {path}")
+    arch = type(net).__name__
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read weights file {path} as a PyTorch state dict: {e}") from e
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:  # permissions, I/O
+        raise CheckpointError(f"cannot read weights file {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - torch raises many unrelated types on foreign files
+        # torch's own message is not shown: for a file holding objects other than
+        # tensors it advises weights_only=False, which would run code from the file
+        raise CheckpointError(
+            f"weights file {path} is not a state dict of the expected backbone ({arch}): torch.load "
+            f"cannot read it as a file of tensors ({type(e).__name__}); give a state dict saved with "
+            "torch.save(model.state_dict(), path)"
+        ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"weights file {path} does not hold a state dict (name -> tensor)")
+        got = type(state).__name__ if not isinstance(state, Mapping) else "a dict with non-tensor values"
+        raise CheckpointError(
+            f"weights file {path} is not a state dict of the expected backbone ({arch}): it holds {got}, "
+            "not a dict of parameter name -> tensor"
+        )
     expected = net.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -185,7 +202,8 @@ def load_checkpoint(net: nn.Module, path: PathLike) -> None:
             if items:
                 more = f" (+{len(items) - 5} more)" if len(items) > 5 else ""
                 parts.append(f"{len(items)} {label}: {', '.join(items[:5])}{more}")
-        raise CheckpointError(f"weights file {path} does not fit {type(net).__name__}: " + "; ".join(parts))
+        raise CheckpointError(f"weights file {path} is not a state dict of the expected backbone ({arch}): "
+                              + "; ".join(parts))
     net.load_state_dict(state, strict=True)
 
 

@@ -12,6 +12,11 @@ Module names follow the ported checkpoint (``_conv_stem``, ``_blocks.N._expand_c
 ...), so its state dict loads 1:1 (``strict=True``).
 
 Hyperpixel id ``k`` is the output of MBConv block ``k`` (counted from 0, Lite0: 0..15).
+SCOT reads ResNet hyperpixels before the block's last ReLU (the residual sum); the
+analogue here is the block output itself: an MBConv block ends with
+``BN(project(.)) (+ x)`` and no activation (linear bottleneck), so its output already
+is the pre-activation sum, with entries of both signs. Nothing differs from SCOT's
+rule; see ``docs/fidelity.md``.
 
 Input normalisation: the TF models were trained on ``(x255 - 127) / 128``, i.e. about
 ``2 * x01 - 1``; see :data:`LITE_MEAN`, :data:`LITE_STD` and ``tests/test_backbones.py``.

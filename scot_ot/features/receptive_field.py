@@ -14,8 +14,10 @@ neighbouring cells), ``r`` the receptive field side, ``o`` the centre of cell 0.
 
 Coordinate convention: pixel-index coordinates of the network input, pixel ``(i, j)``
 centred at ``(y, x) = (i, j)``. Cell ``(y, x)`` of the layer is centred at
-``(o_y + j y, o_x + j x)`` and its receptive field is that centre ``± r / 2``
-(not clipped to the image). Add 0.5 to go to coordinates where pixel ``i`` spans
+``(o_y + j y, o_x + j x)``; its box is that centre ``± (r // 2)`` (integer division,
+SCOT's ``rfsz // 2``: a 27-px field gives ``[c - 13, c + 13]``, which for the odd
+fields of these networks is exactly the pixels the field covers), not clipped to the
+image. Add 0.5 to go to coordinates where pixel ``i`` spans
 ``[i, i + 1)``. Symmetric padding (torchvision's ResNets) gives ``o = 0``, the
 convention of HPF/SCOT (centre ``= j x``); TF "SAME" padding (EfficientNet-Lite) pads
 after rather than before, so ``o > 0`` and depends on the input size.
@@ -47,9 +49,14 @@ class ReceptiveField(NamedTuple):
         return torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=-1)  # (h*w, 2)
 
     def boxes(self, h: int, w: int, device: Optional[torch.device] = None) -> torch.Tensor:
-        """Receptive-field boxes (h * w, 4) as (x0, y0, x1, y1) = centre ∓ size / 2."""
+        """Receptive-field boxes (h * w, 4) as (x0, y0, x1, y1) = centre ∓ (size // 2).
+
+        The integer half-width is SCOT's (``geometry.receptive_fields``); the box
+        centre ``x0 + (x1 - x0) // 2`` is the cell centre.
+        """
         c = self.centres(h, w, device)  # (h*w, 2)
-        return torch.cat([c - self.size / 2, c + self.size / 2], dim=-1)  # (h*w, 4)
+        half = self.size // 2
+        return torch.cat([c - half, c + half], dim=-1)  # (h*w, 4)
 
 
 def _pair(v) -> Tuple[int, int]:

@@ -1,9 +1,21 @@
-"""ResNet-50 / ResNet-101 backbones on torchvision's architecture.
+r"""ResNet-50 / ResNet-101 backbones on torchvision's architecture.
 
 Hyperpixel ids as in HPF/SCOT: id 0 is the output of the stem's max-pool (stride 4),
-id ``k >= 1`` the output of the k-th bottleneck counted across layer1..layer4
-(ResNet-50: 3+4+6+3 = 16 bottlenecks, ids 0..16; ResNet-101: 3+4+23+3 = 33, ids 0..33).
-The final conv features (for CAM) are layer4's output.
+id ``k >= 1`` the k-th bottleneck counted across layer1..layer4 (ResNet-50:
+3+4+6+3 = 16 bottlenecks, ids 0..16; ResNet-101: 3+4+23+3 = 33, ids 0..33).
+
+A bottleneck computes ``y = ReLU(s)`` with the residual sum
+
+.. math:: s = \mathrm{bn_3}(\mathrm{conv_3}(\dots)) + \mathrm{shortcut}(x), \qquad
+    \mathrm{shortcut} = \mathrm{downsample}\ \text{(first block of a stage)},
+    \ \text{else the identity}
+
+and hyperpixel id ``k >= 1`` is ``s``, *before* the ReLU, as SCOT's and HPF's
+hand-unrolled forward store it (``feats.append(feat.clone())`` between ``feat += res``
+and the ReLU); about a third of its entries are negative. Here it is read at the FX
+node ``layer{s}.{j}.add``; the ReLUs are made out-of-place so that no later node
+overwrites that tensor. The final conv features (for CAM) are layer4's output, after
+its last ReLU, as in SCOT.
 
 Weights: torchvision's ``IMAGENET1K_V1`` (the ``pretrained=True`` weights SCOT used),
 read from the file torchvision itself would download,
@@ -20,6 +32,7 @@ from urllib.parse import urlparse
 
 import torch
 import torchvision
+from torch import nn
 from torchvision.models import ResNet50_Weights, ResNet101_Weights
 
 from .backbone import Backbone, Layer, WeightsNotFoundError, register_backbone
@@ -69,11 +82,15 @@ def default_weights_path(name: str) -> str:
 def resnet_backbone(name: str) -> Backbone:
     """Randomly initialised torchvision ``name`` wrapped as a :class:`Backbone`."""
     net = getattr(torchvision.models, name)(weights=None)
+    for m in net.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False  # an in-place ReLU would overwrite the residual sums we return
     layers = [Layer("maxpool", (net.conv1, net.maxpool))]
     for s in range(1, 5):
         for j, block in enumerate(getattr(net, f"layer{s}")):
-            # torchvision's v1.5 bottleneck: the stride sits on the 3x3 conv2.
-            layers.append(Layer(f"layer{s}.{j}", (block.conv1, block.conv2, block.conv3)))
+            # the residual sum before the block's last ReLU (SCOT's hyperpixel); torchvision's
+            # v1.5 bottleneck: the stride sits on the 3x3 conv2.
+            layers.append(Layer(f"layer{s}.{j}.add", (block.conv1, block.conv2, block.conv3)))
     presets = RESNET_PRESETS[name]
     return Backbone(
         name,

@@ -5,7 +5,9 @@ chosen layer and concatenated along channels (Min et al., *Hyperpixel Flow*, ICC
 2019). Hyperpixel ``(y, x)`` of that grid has the centre and receptive-field box of
 that layer's cell, computed from the architecture
 (:mod:`scot_ot.features.receptive_field`): centre ``o + jump * (x, y)``, box
-``centre -+ rf / 2``.
+``centre -+ rf // 2`` (SCOT's integer half-width). Foreground weights are SCOT's
+staircase of the CAM (:mod:`.cam`) read at ``(int(cy), int(cx))``, the pixel under
+each centre.
 """
 
 from __future__ import annotations
@@ -16,10 +18,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .cam import cam_for_scale, staircase
-
-#: SCOT skips CAM scales whose image area would exceed this (pixels)
-CAM_MAX_AREA = 1200 * 800
+from .cam import CAM_MAX_AREA, CAM_SCALES, CAM_TOP_K, multiscale_cam, staircase
 
 
 @dataclass(frozen=True)
@@ -28,8 +27,9 @@ class Hyperpixels:
 
     feats: (N, D) L2-normalised; boxes: (N, 4) x0 y0 x1 y1 and centres: (N, 2) xy,
     in pixels of the resized image; grid: (h, w); size: resized image (W, H);
-    scale: (sx, sy) from original to resized pixels; weights: (N,) foreground
-    weights (CAM staircase or ones), not normalised; cam: (H, W) map or None.
+    scale: (sx, sy) from original to resized pixels (SCOT's one ratio: sx == sy);
+    weights: (N,) foreground weights (CAM staircase or ones), not normalised;
+    cam: (H, W) map or None.
     """
 
     feats: torch.Tensor
@@ -58,12 +58,16 @@ class HyperpixelExtractor:
     """Backbone + chosen layers + CAM settings: image in, :class:`Hyperpixels` out."""
 
     def __init__(self, backbone, layers: Sequence[int], use_cam: bool = True,
-                 cam_scales: Sequence[float] = (1.0, 1.5, 2.0), cam_top_k: int = 2):
+                 cam_scales: Sequence[float] = CAM_SCALES, cam_top_k: int = CAM_TOP_K,
+                 cam_max_area: float = CAM_MAX_AREA):
         self.backbone = backbone
         self.layers = tuple(layers)
         self.use_cam = use_cam
-        self.cam_scales = tuple(cam_scales)
+        self.cam_scales = tuple(float(s) for s in cam_scales)
+        if not self.cam_scales or any(s <= 0 for s in self.cam_scales):
+            raise ValueError(f"cam_scales: need positive scales, got {cam_scales!r}")
         self.cam_top_k = cam_top_k
+        self.cam_max_area = cam_max_area
 
     def __call__(self, img: torch.Tensor, scale: Tuple[float, float],
                  mask: Optional[torch.Tensor] = None) -> Hyperpixels:
@@ -101,21 +105,10 @@ class HyperpixelExtractor:
         return out
 
     def class_activation_maps(self, imgs: torch.Tensor, final: torch.Tensor) -> torch.Tensor:
-        """Multi-scale top-k CAMs (see :mod:`scot_ot.matching.cam`), (B, H, W) in [0, 1].
+        """SCOT's multi-scale top-k CAMs (:func:`scot_ot.matching.cam.multiscale_cam`), (B, H, W).
 
         ``final``: the backbone's final features of ``imgs`` at scale 1.
         """
-        B, _, H, W = imgs.shape
         fc_w, fc_b = self.backbone.classifier()
-        total = torch.zeros(B, H, W, dtype=final.dtype, device=final.device)
-        for s in self.cam_scales:
-            if s != 1.0:
-                if s * s * H * W > CAM_MAX_AREA:
-                    break
-                big = F.interpolate(imgs, size=(round(H * s), round(W * s)), mode="bilinear",
-                                    align_corners=True)
-                _, final = self.backbone.forward_features(big, self.layers)
-            for k in range(B):
-                total[k] += cam_for_scale(final[k], fc_w, fc_b, (H, W), self.cam_top_k)
-        peak = total.flatten(1).amax(dim=1).clamp_min(1e-12)  # (B,)
-        return total / peak[:, None, None]
+        return multiscale_cam(imgs, final, lambda x: self.backbone.forward_features(x, self.layers).final,
+                              fc_w, fc_b, self.cam_scales, self.cam_top_k, self.cam_max_area)

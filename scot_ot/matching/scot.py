@@ -1,6 +1,7 @@
 """The SCOT pipeline: two images in, dense correspondences out.
 
-1. both images resized so that the longest side is ``image_side``;
+1. both images resized so that the longest side is ``image_side`` (SCOT's float32
+   ratio, sizes truncated: :func:`.image.resize_longest`);
 2. hyperpixel features and CAM weights (:mod:`.hyperpixels`), marginals
    ``a = w_s / sum w_s``, ``b = w_t / sum w_t``;
 3. cost ``C_ij = 1 - max(cos(x_i, y_j), 0)`` between L2-normalised hyperpixels;
@@ -61,6 +62,56 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
     return kps
 
 
+#: arguments every solver takes; the rest are each solver's own ``options``
+COMMON_OT_ARGS = ("eps", "max_iter", "tol", "check_every", "reg_m")
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a :class:`torch.device`, or ValueError if it is not a name or not present here."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device: {device!r} is not a device name; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA support" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ValueError(f"device: {device!r} needs CUDA, which is not available on this machine ({why}); "
+                             "use 'cpu'")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"device: {device!r}: this machine has {n} CUDA device(s), cuda:0 .. cuda:{n - 1}")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"device: {device!r} (Apple GPU) is not available on this machine; use 'cpu'")
+    elif dev.type != "cpu":
+        raise ValueError(f"device: {device!r} is not supported; use 'cpu' or 'cuda'")
+    return dev
+
+
+def check_ot_args(solver: str, **ot_args) -> None:
+    """ValueError naming the argument unless :func:`scot_ot.solve` would accept ``solver`` with ``ot_args``.
+
+    ``ot_args``: any of :data:`COMMON_OT_ARGS` and the solver's own ``options``.
+    Checks the names, ``max_iter``/``tol``/``check_every``, ``eps`` and ``reg_m`` (on a
+    1 x 1 problem, with the solver layer's own validation), without solving anything.
+    """
+    from ..ot.api import check_supported
+    from ..ot.iterate import validate_loop_args
+    from ..ot.problem import OTProblem
+
+    impl = get_solver(solver)
+    unknown = sorted(set(ot_args) - set(COMMON_OT_ARGS) - set(impl.info.option_names))
+    if unknown:
+        takes = ", ".join(COMMON_OT_ARGS + impl.info.option_names)
+        raise ValueError(f"solver {solver!r} does not take option(s) {', '.join(unknown)}; it takes {takes}")
+    validate_loop_args(ot_args.get("max_iter", 1000), ot_args.get("tol", 1e-6), ot_args.get("check_every", 10))
+    problem = OTProblem.create(torch.zeros(1, 1, dtype=torch.float64), eps=ot_args.get("eps", 0.05),
+                               reg_m=ot_args.get("reg_m"))
+    check_supported(solver, impl.info, problem)  # reg_m of a kind the solver declares
+
+
 @dataclass(frozen=True)
 class Correspondence:
     """Dense matches between two images.
@@ -81,14 +132,22 @@ class Correspondence:
     timings: Dict[str, float] = field(default_factory=dict)
 
     def transfer(self, keypoints) -> torch.Tensor:
-        """Map (K, 2) xy keypoints of the original source image to the original target image."""
+        """Map (K, 2) xy keypoints of the original source image to the original target image.
+
+        As SCOT: ``k' = r_s k`` into the resized source (one float32 ratio per image,
+        both axes), transfer there (:func:`.transfer.transfer_keypoints`), and back with
+        ``k / r_t``. SCOT compares in the resized target frame with the threshold times
+        ``r_t``; dividing both sides by ``r_t`` gives the same test in original pixels.
+        Keypoints are checked against ``(W' + 1) / r`` x ``(H' + 1) / r``, the bound
+        that truncating resize leaves of the original size (within ``1 / r`` px of it).
+        """
         sx, sy = self.src.scale
         W, H = self.src.size
-        kps = check_keypoints(keypoints, W / sx, H / sy)
-        src_scale = torch.tensor(self.src.scale)
-        trg_scale = torch.tensor(self.trg.scale)
+        kps = check_keypoints(keypoints, (W + 1) / sx, (H + 1) / sy)
+        src_scale = torch.tensor(self.src.scale, dtype=torch.float32)  # (2,) = (r_s, r_s)
+        trg_scale = torch.tensor(self.trg.scale, dtype=torch.float32)  # (2,) = (r_t, r_t)
         moved = transfer_keypoints(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(),
-                                   self.matches.cpu())
+                                   self.matches.cpu())  # (K, 2), resized target pixels
         return moved / trg_scale
 
 
@@ -129,16 +188,21 @@ class SCOT:
     ):
         from ..features import get_backbone
 
-        get_solver(solver)  # fail early on an unknown name
-        if exponent <= 0:
-            raise ValueError(f"exponent: must be > 0, got {exponent!r}")
-        self.device = torch.device(device)
+        ot_args = dict(eps=eps, max_iter=max_iter, tol=tol, check_every=check_every, reg_m=reg_m,
+                       **(solver_options or {}))
+        check_ot_args(solver, **ot_args)  # every argument checked before any work
+        if isinstance(exponent, (bool, str)) or not 0 < float(exponent) < float("inf"):
+            raise ValueError(f"exponent: must be a finite number > 0, got {exponent!r}")
+        if not isinstance(image_side, int) or isinstance(image_side, bool) or image_side < MIN_SIDE:
+            raise ValueError(f"image_side: must be an integer >= {MIN_SIDE}, got {image_side!r}")
+        self.device = check_device(device)
         self.backbone = get_backbone(backbone, weights=weights, device=self.device)
+        if layers is not None:
+            self.backbone.check_layer_ids(layers)  # ValueError naming the valid range
         self.extractor = HyperpixelExtractor(
             self.backbone, layers if layers is not None else self.backbone.default_layers, use_cam
         )
-        self.ot_args = dict(solver=solver, eps=eps, max_iter=max_iter, tol=tol,
-                            check_every=check_every, reg_m=reg_m, **(solver_options or {}))
+        self.ot_args = dict(solver=solver, **ot_args)
         self.rhm = rhm
         self.exponent = exponent
         self.image_side = image_side
@@ -149,14 +213,17 @@ class SCOT:
         ``ot_args`` override any of ``eps, max_iter, tol, check_every, reg_m`` and the
         solver's own options.
         """
-        get_solver(solver)
+        merged = {**self.ot_args, **ot_args}
+        merged.pop("solver")
+        check_ot_args(solver, **merged)
         other = copy.copy(self)
-        other.ot_args = {**self.ot_args, "solver": solver, **ot_args}
+        other.ot_args = {"solver": solver, **merged}
         return other
 
     # ------------------------------------------------------------------ stages
     def prepare(self, image: ImageLike, name: str = "image") -> Tuple[torch.Tensor, Tuple[float, float]]:
-        """Load and resize one image: (3, H, W) on the device, and its scale."""
+        """Load and resize one image (:func:`.image.resize_longest`): (3, H', W') on the device,
+        and its scale ``(r, r)`` from original to resized pixels."""
         img = load_image(image, name)
         small, scale = resize_longest(img, self.image_side)
         if min(small.shape[-2:]) < MIN_SIDE:

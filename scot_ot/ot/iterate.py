@@ -11,19 +11,25 @@ mean the same for all solvers:
 - exactly ``max_iter`` iterations run unless the error falls to ``tol`` or below
   at a check; checks happen after every ``check_every`` iterations and after the
   last one (so ``errors[-1]`` is always the error at stop);
-- the host reads the error only at checks.
+- the host reads the error only at checks;
+- a non-finite error at a check, or non-finite potentials at stop (on rows and
+  columns of positive weight), raise :class:`scot_ot.ot.errors.NumericalError`:
+  no solver returns NaN or inf. A finite result that did not reach ``tol`` is
+  returned with ``converged=False`` and its last error;
+- the error is measured without autograd (``torch.no_grad``); the iterations
+  themselves are recorded when the problem requires grad.
 """
 
 from __future__ import annotations
 
 import math
 import time
-import warnings
 from typing import Any, Optional, Protocol, Tuple
 
 import torch
 
-from .problem import OTProblem
+from .errors import NumericalError
+from .problem import OTProblem, int_scalar, real_scalar
 from .result import OTResult
 
 
@@ -42,13 +48,29 @@ class Scheme(Protocol):
         ...
 
 
-def validate_loop_args(max_iter: int, tol: float, check_every: int) -> None:
-    if not isinstance(max_iter, int) or isinstance(max_iter, bool) or max_iter < 1:
+def validate_loop_args(max_iter, tol, check_every) -> Tuple[int, float, int]:
+    """``(max_iter, tol, check_every)`` as Python numbers (numpy and 0-d torch scalars pass,
+    booleans raise ``TypeError``), checked: ``max_iter, check_every >= 1``, ``tol >= 0``."""
+    max_iter, check_every = int_scalar("max_iter", max_iter), int_scalar("check_every", check_every)
+    tol = real_scalar("tol", tol)
+    if max_iter < 1:
         raise ValueError(f"max_iter: must be an integer >= 1, got {max_iter!r}")
-    if not isinstance(check_every, int) or isinstance(check_every, bool) or check_every < 1:
+    if check_every < 1:
         raise ValueError(f"check_every: must be an integer >= 1, got {check_every!r}")
-    if not isinstance(tol, (int, float)) or math.isnan(tol) or tol < 0:
+    if math.isnan(tol) or tol < 0:
         raise ValueError(f"tol: must be a number >= 0, got {tol!r}")
+    return max_iter, tol, check_every
+
+
+def check_potentials(name: str, problem: OTProblem, f: torch.Tensor, g: torch.Tensor, n_done: int) -> None:
+    """Raise :class:`NumericalError` unless ``f``, ``g`` are finite wherever ``a``, ``b`` are > 0
+    (a zero-weight row's potential carries no mass; POT leaves it NaN)."""
+    for side, pot, w in (("f", f, problem.a), ("g", g, problem.b)):
+        bad = ~torch.isfinite(pot) & (w > 0)
+        if bool(bad.any()):
+            raise NumericalError(name, problem.eps, problem.C.dtype,
+                                 f"{int(bad.sum())} entries of the potential {side} are NaN or inf "
+                                 f"after {n_done} iterations")
 
 
 def _sync(device: torch.device) -> None:
@@ -60,7 +82,7 @@ def iterate(
     name: str, scheme: Scheme, problem: OTProblem, max_iter: int, tol: float, check_every: int
 ) -> OTResult:
     """Run ``scheme`` on ``problem`` under the common stopping rule."""
-    validate_loop_args(max_iter, tol, check_every)
+    max_iter, tol, check_every = validate_loop_args(max_iter, tol, check_every)
     device = problem.C.device
     _sync(device)
     t0 = time.perf_counter()
@@ -70,22 +92,18 @@ def iterate(
         k = min(check_every, max_iter - n_done)
         state = scheme.advance(state, k)
         n_done += k
-        err = float(scheme.residual(state).max())  # the one host sync per check
+        with torch.no_grad():
+            err = float(scheme.residual(state).max())  # the one host sync per check
+        if not math.isfinite(err):
+            raise NumericalError(name, problem.eps, problem.C.dtype,
+                                 f"the marginal error became {err} after {n_done} iterations")
         errors.append(err)
         iters.append(n_done)
-        if not math.isfinite(err):
-            warnings.warn(
-                f"solver {name!r}: the marginal error became {err} after {n_done} iterations "
-                f"(eps={problem.eps:g} is too small for this scheme); stopping. "
-                "The log-domain solvers ('torch-log', 'pot-sinkhorn-log') stay finite.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            break
         if err <= tol:
             converged = True
             break
     f, g = scheme.potentials(state)
+    check_potentials(name, problem, f, g, n_done)
     plan = scheme.plan(state)
     _sync(device)
     elapsed = time.perf_counter() - t0

@@ -28,7 +28,32 @@ Potentials are converted to the library's convention
   ``g = eps (log v - log b)``;
 - ``ot.unbalanced.sinkhorn_unbalanced`` with ``reg_type="kl"``: ``K`` already
   holds ``a b``, so ``f = eps log u``, ``g = eps log v``. It updates ``u`` before
-  ``v`` in each iteration, the reverse of the balanced solvers.
+  ``v`` in each iteration, the reverse of the balanced solvers, so the wrapper
+  hands it the transposed problem ``(C^T, b, a)``: each of its iterations is then
+  ours (column update, then row update).
+
+Start: the first chunk is warm-started from :mod:`scot_ot.ot.start` (SCOT's
+``u = 1/n``, which is also POT's own default for the balanced solvers, or the
+``init`` option): ``log u = f/eps + log a``. So iteration ``k`` of every wrapper is
+iteration ``k`` of ``torch-log``.
+
+Dtypes: POT runs in the problem's working dtype; a float16/bfloat16 cost is cast
+to float32 per problem (one float32 copy of that problem's cost), and plans and
+potentials are float32.
+
+Failures are read from values, never from POT's warning text: POT's iteration
+count (``sinkhorn_knopp`` and ``sinkhorn_stabilized`` stop and roll back to the
+previous scalings when one over/underflows; a roll-back on a chunk's very last
+iteration cannot be told from a normal end, but leaves the plan of the previous
+iteration, which is checked like any other), a row or column of positive weight
+with no mass in the returned plan (an underflowed kernel), and a non-finite
+error. Each raises :class:`scot_ot.ot.errors.NumericalError`. POT's own warnings
+are not filtered: its convergence warnings are off by argument (``warn=False``;
+``stopThr`` is never met) and its "numerical errors" warning is let through
+before the ``NumericalError``.
+
+Gradients: none (POT's iterations are not recorded); ``scot_ot.solve`` refuses a
+cost or marginal that requires grad.
 
 POT works on one problem at a time: batches are solved one after the other.
 """
@@ -36,82 +61,82 @@ POT works on one problem at a time: batches are solved one after the other.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from .errors import NumericalError
 from .iterate import iterate
+from .memory import dense_buffers, emd_bytes
 from .problem import OTProblem
-from .registry import SolverInfo
+from .registry import (INIT, Batching, Compute, Devices, Domain, Dtypes, Family, Marginals, Option,
+                       SolverInfo, Stopping, register)
 from .result import OTResult, marginal_error
+from .start import check_init, start_potential
 
 # (a, b, C, eps, reg_m, n_iter, warm) -> (plan, log_u, log_v, iterations POT completed)
+# warm = (log_u, log_v) in the solver's own convention; log_v is recomputed by the first
+# iteration and never used.
 PotCall = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
-
-
-def _quiet(fn, *args, **kwargs):
-    """Run a POT solver with its own convergence warnings off (we judge convergence)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = fn(*args, **kwargs)
-    numerical = any("umerical errors" in str(w.message) for w in caught)
-    return out, numerical
 
 
 def _call_sinkhorn(a, b, C, eps, reg_m, n_iter, warm):
     import ot
 
-    (P, log), bad = _quiet(
-        ot.bregman.sinkhorn_knopp, a, b, C, eps, numItermax=n_iter, stopThr=0.0,
-        log=True, warn=False, warmstart=warm,
-    )
-    done = -1 if bad else n_iter
+    P, log = ot.bregman.sinkhorn_knopp(a, b, C, eps, numItermax=n_iter, stopThr=0.0, log=True,
+                                       warn=False, warmstart=warm)
+    # "niter" is the last iteration index; POT breaks at index ii (and rolls back to the
+    # previous u, v) when a scaling over/underflows, so fewer iterations completed
+    done = n_iter if log["niter"] == n_iter - 1 else log["niter"]
     return P, torch.log(log["u"]), torch.log(log["v"]), done
 
 
 def _call_sinkhorn_log(a, b, C, eps, reg_m, n_iter, warm):
     import ot
 
-    (P, log), _ = _quiet(
-        ot.bregman.sinkhorn_log, a, b, C, eps, numItermax=n_iter, stopThr=0.0,
-        log=True, warn=False, warmstart=warm,
-    )
-    return P, log["log_u"], log["log_v"], n_iter
+    P, log = ot.bregman.sinkhorn_log(a, b, C, eps, numItermax=n_iter, stopThr=0.0, log=True,
+                                     warn=False, warmstart=warm)
+    return P, log["log_u"], log["log_v"], n_iter  # (no roll-back: failures show as NaN)
 
 
 def _call_sinkhorn_stabilized(a, b, C, eps, reg_m, n_iter, warm):
     import ot
 
-    # POT takes absorbed potentials (alpha, beta) = eps * (log u, log v) as warm start.
-    alpha_beta = None if warm is None else (eps * warm[0], eps * warm[1])
-    (P, log), bad = _quiet(
-        ot.bregman.sinkhorn_stabilized, a, b, C, eps, numItermax=n_iter, stopThr=0.0,
-        log=True, warn=False, warmstart=alpha_beta,
-    )
+    # POT's warm start is the absorbed (alpha, beta), with u = 1/n, v = 1/m on top: the
+    # effective log u is alpha/eps - log n. (A zero weight's log u = -inf would make a zero
+    # row of POT's kernel and 0/0 in its next update: it gets POT's default alpha = 0.)
+    n, m = C.shape
+    alpha, beta = (torch.where(torch.isfinite(lw), eps * (lw + math.log(size)), torch.zeros_like(lw))
+                   for lw, size in ((warm[0], n), (warm[1], m)))
+    # stopThr=-1: POT stops at err <= stopThr, and a converged iterate can have err == 0
+    P, log = ot.bregman.sinkhorn_stabilized(a, b, C, eps, numItermax=n_iter, stopThr=-1.0, log=True,
+                                            warn=False, warmstart=(alpha, beta))
     log_u, log_v = log["logu"], log["logv"]
+    done = n_iter if log["n_iter"] == n_iter - 1 else log["n_iter"]  # as in _call_sinkhorn
     # When POT absorbs (u, v) into (alpha, beta) it resets u = 1/n, v = 1/m; the next
     # iteration compensates, but if the absorption fell on the chunk's last iteration the
     # returned plan and scalings are the iterate divided by n*m. After the u update P1 = a
     # exactly, so the plan's mass tells the two cases apart: undo the reset.
-    n, m = C.shape
     ratio = float(P.sum() / a.sum())
     reset = 0 < ratio < math.inf and abs(math.log(ratio * n * m)) < abs(math.log(ratio))
-    if not bad and n * m > 1 and reset:
+    if done == n_iter and n * m > 1 and reset:
         P, log_u, log_v = P * (n * m), log_u + math.log(n), log_v + math.log(m)
-    return P, log_u, log_v, (-1 if bad else n_iter)
+    return P, log_u, log_v, done
 
 
 def _call_unbalanced(a, b, C, eps, reg_m, n_iter, warm):
+    """POT's unbalanced Sinkhorn on the *transposed* problem: POT updates its ``u`` before its
+    ``v``, so with ``(C^T, b, a)`` its ``u`` is our column scaling and each POT iteration is
+    ours (column update, then row update). Scalings and plan come back in our orientation."""
     import ot
 
-    (P, log), bad = _quiet(
-        ot.unbalanced.sinkhorn_unbalanced, a, b, C, eps, list(reg_m), method="sinkhorn",
-        reg_type="kl", numItermax=n_iter, stopThr=0.0, log=True, warmstart=warm,
-    )
-    return P, log["logu"], log["logv"], (-1 if bad else n_iter)
+    P, log = ot.unbalanced.sinkhorn_unbalanced(
+        b, a, C.T, eps, [reg_m[1], reg_m[0]], method="sinkhorn", reg_type="kl", numItermax=n_iter,
+        stopThr=0.0, log=True, warmstart=(warm[1], warm[0]))
+    # one "err" entry per completed iteration (appended after POT's over/underflow roll-back)
+    return P.T, log["logv"], log["logu"], len(log["err"])
 
 
 def _stack(xs: List[torch.Tensor]) -> torch.Tensor:
@@ -122,33 +147,46 @@ def _stack(xs: List[torch.Tensor]) -> torch.Tensor:
 @dataclass
 class PotState:
     problem: OTProblem
-    plans: List[torch.Tensor]  # B x (n, m)
-    log_u: List[Optional[torch.Tensor]]
-    log_v: List[Optional[torch.Tensor]]
-    failed: bool = False
+    plans: List[Optional[torch.Tensor]]  # B x (n, m)
+    log_u: List[torch.Tensor]  # B x (n,)
+    log_v: List[torch.Tensor]  # B x (m,)
+    stopped: Optional[str] = None  # why POT stopped early in the last chunk, if it did
 
 
 class PotChunkScheme:
-    """Advance POT by chunks of iterations, warm-starting from its own scalings."""
+    """Advance POT by chunks of iterations, warm-starting from its own scalings.
 
-    def __init__(self, call: PotCall, kl_convention: bool):
-        self.call = call
-        self.kl_convention = kl_convention
+    The first chunk starts from :func:`scot_ot.ot.start.start_potential` (SCOT's
+    ``u = 1/n``, or ``init``): ``log u = f/eps + log a`` (``f/eps`` in the KL
+    convention). Failures are read from values: POT's iteration count (it stops
+    early and rolls back when a scaling over/underflows), a row or column of
+    positive weight with no mass in the returned plan (its scaling is infinite), or
+    a non-finite error; each raises :class:`scot_ot.ot.errors.NumericalError`.
+    """
+
+    def __init__(self, name: str, call: PotCall, kl_convention: bool, init=None):
+        self.name, self.call, self.kl_convention, self.init = name, call, kl_convention, init
 
     def start(self, p: OTProblem) -> PotState:
-        B = p.shape[0]
-        return PotState(p, [None] * B, [None] * B, [None] * B)
+        B, _, m = p.shape
+        lu = start_potential(p, self.init) / p.eps  # (B, n)
+        lv = torch.zeros(B, m, dtype=p.dtype, device=p.C.device)  # (B, m) placeholder
+        if not self.kl_convention:
+            lu, lv = lu + torch.log(p.a), lv - math.log(m)  # POT's v = 1/m, as a placeholder
+        return PotState(p, [None] * B, list(lu), list(lv))
 
     def advance(self, s: PotState, k: int) -> PotState:
         p = s.problem
-        out = PotState(p, [], [], [], s.failed)
+        out = PotState(p, [], [], [])
         for i in range(p.shape[0]):
-            warm = None if s.log_u[i] is None else (s.log_u[i], s.log_v[i])
-            P, lu, lv, done = self.call(p.a[i], p.b[i], p.C[i], p.eps, p.reg_m, k, warm)
+            C = p.C[i].to(p.dtype)  # a half-precision cost is solved in float32
+            P, lu, lv, done = self.call(p.a[i], p.b[i], C, p.eps, p.reg_m, k, (s.log_u[i], s.log_v[i]))
             out.plans.append(P)
             out.log_u.append(lu)
             out.log_v.append(lv)
-            out.failed = out.failed or done != k
+            if done != k and out.stopped is None:
+                out.stopped = (f"POT stopped after {done} of the {k} iterations of a chunk "
+                               f"(problem {i}): a scaling over- or underflowed")
         return out
 
     def potentials(self, s: PotState):
@@ -156,65 +194,99 @@ class PotChunkScheme:
         lu, lv = _stack(s.log_u), _stack(s.log_v)  # (B, n), (B, m)
         if self.kl_convention:
             return eps * lu, eps * lv
-        return eps * (lu - torch.log(p.a)), eps * (lv - torch.log(p.b))
+        # a zero weight's scaling is 0 (log -inf): its potential is undefined, reported as 0
+        f = torch.where(p.a > 0, eps * (lu - torch.log(p.a)), torch.zeros_like(lu))
+        g = torch.where(p.b > 0, eps * (lv - torch.log(p.b)), torch.zeros_like(lv))
+        return f, g
 
     def residual(self, s: PotState) -> torch.Tensor:
         p = s.problem
-        if s.failed:  # POT hit over/underflow and rolled back: report it, do not hide it
-            return torch.full((p.shape[0],), math.nan, dtype=p.C.dtype, device=p.C.device)
+        if s.stopped is not None:
+            raise NumericalError(self.name, p.eps, p.C.dtype, s.stopped)
         P = _stack(s.plans)  # (B, n, m)
+        row, col = P.sum(-1), P.sum(-2)  # (B, n), (B, m)
+        for side, mass, w in (("row", row, p.a), ("column", col, p.b)):
+            empty = (mass == 0) & (w > 0)
+            if bool(empty.any()):
+                raise NumericalError(
+                    self.name, p.eps, p.C.dtype,
+                    f"the plan has {int(empty.sum())} {side}(s) of positive weight and zero mass "
+                    "(the kernel exp(-C/eps) underflowed there)")
         f, g = self.potentials(s)
-        return marginal_error(p, P.sum(-1), P.sum(-2), f, g)
+        return marginal_error(p, row, col, f, g)
 
     def plan(self, s: PotState):
         return _stack(s.plans)
 
 
+def _import_pot() -> None:
+    """Import POT when the solver is resolved (``get_solver``), not inside the first timed solve:
+    ``import ot`` takes ~1 s, which a pipeline's OT timing must not include."""
+    import ot  # noqa: F401
+
+
+def _pot_info(summary: str, domain: Domain, marginals=frozenset({Marginals.BALANCED}), *,
+              finite_at_any_eps: bool = False, buffers: int) -> SolverInfo:
+    """What the four wrapped entropic solvers share: POT on the cost's device and dtype, one
+    problem after the other, warm-started chunks in the common loop, ``init``, no gradients."""
+    return SolverInfo(summary=summary, family=Family.ENTROPIC, marginals=marginals, domain=domain,
+                      batching=Batching.LOOP, finite_at_any_eps=finite_at_any_eps, options=(INIT,),
+                      memory=dense_buffers(buffers))
+
+
 class PotSolver:
-    """One POT entropic solver, run in warm-started chunks (see module docstring)."""
+    """One POT entropic solver, run in warm-started chunks (see module docstring). A subclass
+    sets ``name``, ``info``, ``call`` (a :data:`PotCall`) and ``kl_convention``."""
 
-    options: Tuple[str, ...] = ()
+    name: str
+    info: SolverInfo
+    call: PotCall
+    kl_convention: bool = False
 
-    def __init__(self, name: str, call: PotCall, info: SolverInfo, kl_convention: bool = False):
-        self.name, self.call, self.info, self.kl_convention = name, call, info, kl_convention
+    def __init__(self):
+        _import_pot()
 
-    def solve(self, problem, *, max_iter, tol, check_every) -> OTResult:
-        scheme = PotChunkScheme(self.call, self.kl_convention)
+    def solve(self, problem, *, max_iter, tol, check_every, init=None) -> OTResult:
+        scheme = PotChunkScheme(self.name, self.call, self.kl_convention, check_init(problem, init))
         return iterate(self.name, scheme, problem, max_iter, tol, check_every)
 
 
-def pot_sinkhorn() -> PotSolver:
-    return PotSolver(
-        "pot-sinkhorn", _call_sinkhorn,
-        SolverInfo("kernel", False, "cpu, cuda", False, "loop",
-                   "POT ot.sinkhorn (Sinkhorn-Knopp scalings); SCOT's official solver"),
-    )
+# Buffers of the memory estimate (scot_ot.ot.memory): POT's kernel (or -C/eps), its temporaries
+# and plan, the previous chunk's plan.
+@register
+class PotSinkhorn(PotSolver):
+    name = "pot-sinkhorn"
+    call = staticmethod(_call_sinkhorn)
+    info = _pot_info("POT ot.sinkhorn (Sinkhorn-Knopp scalings); SCOT's official solver", Domain.KERNEL,
+                     buffers=6)
 
 
-def pot_sinkhorn_log() -> PotSolver:
-    return PotSolver(
-        "pot-sinkhorn-log", _call_sinkhorn_log,
-        SolverInfo("log", False, "cpu, cuda", False, "loop", "POT ot.bregman.sinkhorn_log"),
-    )
+@register
+class PotSinkhornLog(PotSolver):
+    name = "pot-sinkhorn-log"
+    call = staticmethod(_call_sinkhorn_log)
+    info = _pot_info("POT ot.bregman.sinkhorn_log", Domain.LOG, finite_at_any_eps=True, buffers=4)
 
 
-def pot_sinkhorn_stabilized() -> PotSolver:
-    return PotSolver(
-        "pot-sinkhorn-stabilized", _call_sinkhorn_stabilized,
-        SolverInfo("kernel+absorption", False, "cpu, cuda", False, "loop",
-                   "POT ot.bregman.sinkhorn_stabilized (Schmitzer 2019)"),
-    )
+@register
+class PotSinkhornStabilized(PotSolver):
+    name = "pot-sinkhorn-stabilized"
+    call = staticmethod(_call_sinkhorn_stabilized)
+    # (not finite at any eps: POT builds its first kernel exp(-C/eps) before any absorption)
+    info = _pot_info("POT ot.bregman.sinkhorn_stabilized (Schmitzer 2019)", Domain.KERNEL_ABSORPTION,
+                     buffers=6)
 
 
-def pot_unbalanced() -> PotSolver:
-    return PotSolver(
-        "pot-unbalanced", _call_unbalanced,
-        SolverInfo("kernel", True, "cpu, cuda", False, "loop",
-                   "POT ot.unbalanced.sinkhorn_unbalanced, KL marginal penalties"),
-        kl_convention=True,
-    )
+@register
+class PotUnbalanced(PotSolver):
+    name = "pot-unbalanced"
+    call = staticmethod(_call_unbalanced)
+    kl_convention = True
+    info = _pot_info("POT ot.unbalanced.sinkhorn_unbalanced, KL marginal penalties", Domain.KERNEL,
+                     {Marginals.BALANCED, Marginals.KL_UNBALANCED, Marginals.SEMI_RELAXED}, buffers=7)
 
 
+@register
 class PotEMD:
     """``pot-emd``: exact OT by POT's network simplex, on the CPU in float64.
 
@@ -224,13 +296,27 @@ class PotEMD:
     reports one iteration, and ``converged`` is POT's own success flag. Masses are
     renormalised to be exactly equal in float64 (POT requires it). ``f, g`` are
     the Kantorovich potentials (``f_i + g_j <= C_ij``). The plan returns to the
-    cost's dtype and device.
+    cost's device, in the working dtype (the cost's, float32 for a half-precision
+    cost). Not differentiable.
     """
 
     name = "pot-emd"
-    options = ("num_iter_max",)
-    info = SolverInfo("exact (network simplex)", False, "cpu (returns to input device)", True,
-                      "loop", "POT ot.emd, exact; float64 on the CPU")
+    info = SolverInfo(
+        summary="POT ot.emd, exact; float64 on the CPU",
+        family=Family.EXACT,
+        marginals={Marginals.BALANCED},
+        domain=Domain.NETWORK_SIMPLEX,
+        devices=Devices(computes_on_cpu=True),
+        dtypes=Dtypes(compute=Compute.FLOAT64),
+        batching=Batching.LOOP,
+        stopping=Stopping.DIRECT,
+        finite_at_any_eps=True,  # eps is not used
+        options=(Option("num_iter_max", "POT's iteration limit of the network simplex (default 1e6)"),),
+        memory=emd_bytes,
+    )
+
+    def __init__(self):
+        _import_pot()
 
     def solve(self, problem, *, max_iter, tol, check_every, num_iter_max=1_000_000) -> OTResult:
         import time
@@ -253,7 +339,8 @@ class PotEMD:
             fs.append(log["u"])
             gs.append(log["v"])
         like = problem.C
-        to = lambda xs: torch.as_tensor(np.stack(xs)).to(dtype=like.dtype, device=like.device)  # noqa: E731
+        # back in the working dtype (float32 for a half-precision cost), on the cost's device
+        to = lambda xs: torch.as_tensor(np.stack(xs)).to(dtype=problem.dtype, device=like.device)  # noqa: E731
         P, f, g = to(plans), to(fs), to(gs)
         err = float(marginal_error(problem, P.sum(-1), P.sum(-2), f, g).max())
         if like.device.type == "cuda":

@@ -7,16 +7,20 @@ Potential convention (all entropic solvers)
     P_{ij} = a_i \\, b_j \\, \\exp\\big((f_i + g_j - C_{ij}) / \\varepsilon\\big)
 
 so that ``f, g`` are the dual potentials of the problem in
-:mod:`scot_ot.ot.problem` (our solvers start from ``f = g = 0``, POT's from
-``u = 1/n``, as SCOT's code does; POT's scalings convert as
-``f = eps * (log u - log a)``, ``g = eps * (log v - log b)``). For the exact solver
-``f, g`` are the Kantorovich potentials (``f_i + g_j <= C_ij``, equality on the
-support of the plan).
+:mod:`scot_ot.ot.problem` (POT's scalings convert as ``f = eps * (log u - log a)``,
+``g = eps * (log v - log b)``). Every entropic solver starts from SCOT's (and POT's)
+``u = 1/n``, i.e. ``f_i = -eps log(n a_i)`` (:mod:`scot_ot.ot.start`), so after
+``k`` iterations all of them hold the same iterate. For the exact solver ``f, g``
+are the Kantorovich potentials (``f_i + g_j <= C_ij``, equality on the support of
+the plan).
 
-For balanced problems the dual is invariant under ``(f + c, g - c)``: solvers started
-differently (POT starts from ``u = 1/n``, ours from ``f = 0``) return the same plan
-with potentials that differ by such a constant, so compare ``f_i + g_j`` (or the
-plans), not ``f`` alone.
+For balanced problems the dual is invariant under ``(f + c, g - c)``: runs started
+differently (a warm start, another library) reach the same plan with potentials
+that may differ by such a constant, so compare ``f_i + g_j`` (or the plans), not
+``f`` alone.
+
+Dtypes: potentials and plans are in the problem's working dtype (float32 for a
+float16/bfloat16 cost, else the cost's dtype; :func:`scot_ot.ot.problem.working_dtype`).
 
 Error metric (all solvers)
 --------------------------
@@ -75,11 +79,20 @@ def log_kernel(C: torch.Tensor, eps: float, row: Optional[torch.Tensor],
     return C.mul(-1.0 / eps)
 
 
+def grad_needed(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd records an operation on any of ``tensors`` (then no in-place ops on
+    values that backward needs)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def plan_from_potentials(problem: OTProblem, f: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Dense plan ``a_i b_j exp((f_i + g_j - C_ij)/eps)`` (B, n, m) from (B, n), (B, m) potentials."""
-    eps = problem.eps
-    P = log_kernel(problem.C, eps, f / eps, g / eps).exp_()  # (B, n, m)
-    return P.mul_(problem.a[:, :, None]).mul_(problem.b[:, None, :])
+    """Dense plan ``a_i b_j exp((f_i + g_j - C_ij)/eps)`` (B, n, m) from (B, n), (B, m) potentials,
+    in the potentials' dtype (float32 for a half-precision cost)."""
+    eps, a, b = problem.eps, problem.a[:, :, None], problem.b[:, None, :]
+    scores = log_kernel(problem.C, eps, f / eps, g / eps)  # (B, n, m)
+    if grad_needed(problem.C, problem.a, problem.b, f, g):
+        return torch.exp(scores) * a * b  # out of place: autograd keeps exp's output
+    return scores.exp_().mul_(a).mul_(b)
 
 
 @dataclass(frozen=True)

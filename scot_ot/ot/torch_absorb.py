@@ -19,12 +19,24 @@ matrix-vector products per iteration (no ``exp`` on the n x m grid):
         \\big(\\tilde K (b \\odot v)\\big)^{-\\tau_a}.
 
 When a scaling leaves ``[e^{-L}, e^{L}]`` (``L`` = 50 in float64, 20 in
-float32/16) or a product under- or overflows, the step is redone in the log
+float32) or a product under- or overflows, the step is redone in the log
 domain and everything is absorbed into ``f0, g0`` (one ``exp`` pass to rebuild
-``K~``). The first iteration always runs in the log domain, so ``K~`` starts
-from potentials that already balance the rows: this is what keeps small ``eps``
+``K~``). The first iteration always runs in the log domain (from SCOT's start
+``u = 1/n`` or from ``init``, :mod:`scot_ot.ot.start`), so ``K~`` starts from
+potentials that already balance the rows: this is what keeps small ``eps``
 (1e-3 on costs in [0, 2]) finite, where plain kernel scaling underflows to 0.
 Each iteration's iterates are those of ``torch-log`` up to rounding.
+
+Dtypes: float64 and float32 costs iterate in their own dtype. A float16 or
+bfloat16 cost is read as stored, but ``K~``, the scalings and the potentials are
+float32 (the working dtype of :mod:`scot_ot.ot.problem`): float16 could not hold
+``e^{20}`` (its largest value is 65504 ~ e^{11.1}) and neither half type has the
+mantissa to iterate. So ``L`` is that of float32.
+
+Gradients: the kernel-domain steps are differentiable as written (no in-place op
+on a value autograd keeps); the log-domain steps use the out-of-place
+log-sum-exp of :mod:`scot_ot.ot.torch_log` when autograd records. The absorption
+test reads values, so the path taken is that of the forward pass.
 
 The absorption test reads two numbers per half-iteration on the host: cheap on
 the CPU this solver is meant for; on CUDA prefer ``fused`` or ``torch-log``.
@@ -41,14 +53,19 @@ from dataclasses import dataclass
 import torch
 
 from .iterate import iterate
+from .memory import dense_buffers
 from .problem import OTProblem
-from .registry import SolverInfo
-from .result import OTResult, log_kernel, marginal_error
-from .torch_log import check_init, lse_cols, lse_rows
+from .registry import INIT, Devices, Domain, Family, Marginals, SolverInfo, register
+from .result import OTResult, grad_needed, log_kernel, marginal_error
+from .start import check_init, start_potential
+from .torch_log import lse_cols, lse_rows
+
+#: absorption bound ``L`` per working dtype (half-precision costs iterate in float32)
+BOUNDS = {torch.float64: 50.0, torch.float32: 20.0}
 
 
 def _bound(dtype: torch.dtype) -> float:
-    return 50.0 if dtype == torch.float64 else 20.0
+    return BOUNDS[dtype]
 
 
 @dataclass
@@ -62,7 +79,8 @@ class AbsorbState:
 
 
 def _kernel(p: OTProblem, f0: torch.Tensor, g0: torch.Tensor) -> torch.Tensor:
-    return log_kernel(p.C, p.eps, f0 / p.eps, g0 / p.eps).exp_()  # (B, n, m)
+    scores = log_kernel(p.C, p.eps, f0 / p.eps, g0 / p.eps)  # (B, n, m), working dtype
+    return torch.exp(scores) if grad_needed(scores) else scores.exp_()
 
 
 def _ok(x: torch.Tensor, log_bound: float) -> bool:
@@ -72,11 +90,10 @@ def _ok(x: torch.Tensor, log_bound: float) -> bool:
 
 @dataclass
 class Fresh:
-    """Before the first iteration: potentials only, no kernel yet."""
+    """Before the first iteration: the start's row potential only, no kernel yet."""
 
     problem: OTProblem
-    f: torch.Tensor
-    g: torch.Tensor
+    f: torch.Tensor  # (B, n)
 
 
 def _log_iteration(p: OTProblem, f: torch.Tensor):
@@ -90,24 +107,21 @@ def _absorbed(p: OTProblem, f: torch.Tensor, g: torch.Tensor) -> AbsorbState:
 
 
 class AbsorbScheme:
+    """``init``: a row potential (B, n) checked by :func:`scot_ot.ot.start.check_init`,
+    or None for SCOT's start."""
+
     def __init__(self, init=None):
         self.init = init
 
     def start(self, p: OTProblem) -> Fresh:
-        B, n, m = p.shape
-        if self.init is None:
-            f = torch.zeros(B, n, dtype=p.C.dtype, device=p.C.device)
-            g = torch.zeros(B, m, dtype=p.C.dtype, device=p.C.device)
-        else:
-            f, g = (x.to(p.C).reshape(B, -1) for x in self.init)
-        return Fresh(p, f, g)
+        return Fresh(p, start_potential(p, self.init))
 
     def advance(self, s, k: int) -> AbsorbState:
         if isinstance(s, Fresh):  # first iteration in the log domain, then build K~
             s = _absorbed(s.problem, *_log_iteration(s.problem, s.f))
             k -= 1
         p = s.problem
-        L = _bound(p.C.dtype)
+        L = _bound(p.dtype)
         ta, tb, eps = p.tau(0), p.tau(1), p.eps
         for _ in range(k):
             Ktu = torch.bmm((p.a * s.u)[:, None, :], s.K)[:, 0, :]  # (B, m)  K~^T (a u)
@@ -136,18 +150,21 @@ class AbsorbScheme:
         return None  # built lazily from the potentials when asked for
 
 
+@register
 class TorchAbsorbSinkhorn:
     name = "torch-absorb"
-    options = ("init",)
     info = SolverInfo(
-        domain="kernel+absorption",
-        unbalanced=True,
-        devices="cpu (cuda works, host reads per step)",
-        exact=False,
-        batched="native",
         summary="fast CPU Sinkhorn: BLAS mat-vecs, log-domain absorption keeps small eps finite",
+        family=Family.ENTROPIC,
+        marginals={Marginals.BALANCED, Marginals.KL_UNBALANCED, Marginals.SEMI_RELAXED},
+        domain=Domain.KERNEL_ABSORPTION,
+        devices=Devices(host_read_per_iteration=True),  # the absorption test
+        differentiable=True,  # autograd through the unrolled iterations
+        finite_at_any_eps=True,
+        options=(INIT,),
+        memory=dense_buffers(3),  # the stabilised kernel, one log-domain absorption step, the plan
     )
 
     def solve(self, problem, *, max_iter, tol, check_every, init=None) -> OTResult:
-        check_init(problem, init)
-        return iterate(self.name, AbsorbScheme(init), problem, max_iter, tol, check_every)
+        return iterate(self.name, AbsorbScheme(check_init(problem, init)), problem, max_iter, tol,
+                       check_every)

@@ -11,9 +11,18 @@ With ``tau_a = rho_a / (rho_a + eps)`` (1 for a hard constraint), one iteration 
 
 (the block-coordinate ascent of the dual of :mod:`scot_ot.ot.problem`), each
 log-sum-exp taken with its maximum subtracted, so no value overflows whatever
-``eps`` is. Balanced, KL-unbalanced per side, semi-relaxed, batched, any device,
-any float dtype (float64 for reference use). Cost: one dense (B, n, m)
-temporary, overwritten in place, and one ``exp`` per entry per half-iteration.
+``eps`` is. It starts from SCOT's ``u = 1/n`` (:mod:`scot_ot.ot.start`) or from
+``init`` (a row potential ``f``). Balanced, KL-unbalanced per side, semi-relaxed,
+batched, any device. Cost: one dense (B, n, m) temporary, overwritten in place,
+and one ``exp`` per entry per half-iteration.
+
+Dtypes: float64 (the reference) and float32 iterate in their own dtype; a
+float16/bfloat16 cost is read as stored and every temporary, potential and plan is
+float32 (the working dtype of :mod:`scot_ot.ot.problem`).
+
+Gradients: when autograd records (the cost or a marginal requires grad) the
+iterations run out of place, so ``torch.autograd`` differentiates through the
+unrolled loop; otherwise the log-sum-exp overwrites its temporary.
 
 References: Peyré & Cuturi, *Computational Optimal Transport* (2019), §4.4;
 Séjourné et al., *Sinkhorn divergences for unbalanced OT* (2019).
@@ -22,22 +31,27 @@ Séjourné et al., *Sinkhorn divergences for unbalanced OT* (2019).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
 from .iterate import iterate
-from .problem import OTProblem, all_finite
-from .registry import SolverInfo
-from .result import OTResult, log_kernel, marginal_error
+from .memory import dense_buffers
+from .problem import OTProblem
+from .registry import INIT, Domain, Family, Marginals, SolverInfo, register
+from .result import OTResult, grad_needed, log_kernel, marginal_error
+from .start import check_init, start_potential
 
 
 def logsumexp_(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """``log sum exp`` along ``dim`` with the maximum subtracted, overwriting ``scores``.
 
     Same value as ``torch.logsumexp`` without its n x m temporaries; a slice that is
-    all ``-inf`` gives ``-inf``.
+    all ``-inf`` gives ``-inf``. When autograd records ``scores``, ``torch.logsumexp``
+    (out of place) is used instead.
     """
+    if grad_needed(scores):
+        return torch.logsumexp(scores, dim=dim)
     top = scores.amax(dim=dim, keepdim=True)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     return scores.sub_(top).exp_().sum(dim=dim).log_().add_(top.squeeze(dim))
@@ -59,21 +73,18 @@ def lse_cols(problem: OTProblem, f: torch.Tensor) -> torch.Tensor:
 class LogState:
     problem: OTProblem
     f: torch.Tensor  # (B, n)
-    g: torch.Tensor  # (B, m)
+    g: Optional[torch.Tensor]  # (B, m); None before the first column update
 
 
 class LogDomainScheme:
-    def __init__(self, init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
+    """``init``: a row potential (B, n) checked by :func:`scot_ot.ot.start.check_init`,
+    or None for SCOT's start."""
+
+    def __init__(self, init: Optional[torch.Tensor] = None):
         self.init = init
 
     def start(self, problem: OTProblem) -> LogState:
-        B, n, m = problem.shape
-        if self.init is None:
-            f = torch.zeros(B, n, dtype=problem.C.dtype, device=problem.C.device)
-            g = torch.zeros(B, m, dtype=problem.C.dtype, device=problem.C.device)
-        else:
-            f, g = (x.to(problem.C).reshape(B, -1) for x in self.init)
-        return LogState(problem, f, g)
+        return LogState(problem, start_potential(problem, self.init), None)
 
     def advance(self, s: LogState, k: int) -> LogState:
         p, eps = s.problem, s.problem.eps
@@ -98,32 +109,20 @@ class LogDomainScheme:
         return None
 
 
-def check_init(problem: OTProblem, init) -> None:
-    """Validate a warm start ``(f, g)`` against the problem."""
-    if init is None:
-        return
-    if not (isinstance(init, (tuple, list)) and len(init) == 2):
-        raise ValueError("init: expected a pair of tensors (f, g)")
-    B, n, m = problem.shape
-    for name, x, size in (("init[0] (f)", init[0], n), ("init[1] (g)", init[1], m)):
-        if not isinstance(x, torch.Tensor) or x.numel() != B * size:
-            raise ValueError(f"{name}: expected a tensor with {B * size} entries matching the cost")
-        if not all_finite(x):
-            raise ValueError(f"{name}: the potential contains NaN or inf")
-
-
+@register
 class TorchLogSinkhorn:
     name = "torch-log"
-    options = ("init",)
     info = SolverInfo(
-        domain="log",
-        unbalanced=True,
-        devices="cpu, cuda",
-        exact=False,
-        batched="native",
         summary="reference log-domain Sinkhorn in plain torch (float64-capable)",
+        family=Family.ENTROPIC,
+        marginals={Marginals.BALANCED, Marginals.KL_UNBALANCED, Marginals.SEMI_RELAXED},
+        domain=Domain.LOG,
+        differentiable=True,  # autograd through the unrolled iterations
+        finite_at_any_eps=True,
+        options=(INIT,),
+        memory=dense_buffers(2),  # one log-kernel step (the log-sum-exp runs in it), then the plan
     )
 
     def solve(self, problem, *, max_iter, tol, check_every, init=None) -> OTResult:
-        check_init(problem, init)
-        return iterate(self.name, LogDomainScheme(init), problem, max_iter, tol, check_every)
+        return iterate(self.name, LogDomainScheme(check_init(problem, init)), problem, max_iter, tol,
+                       check_every)

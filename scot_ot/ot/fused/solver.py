@@ -32,9 +32,10 @@ stop), and the host reads one number per check.
 
 Options
 -------
-init : ``(f, g)``, warm start (potentials of an earlier result). Running ``k``
-    iterations, then ``k`` more from the result's ``(f, g)``, gives the ``2k``
-    iterates (no eps schedule).
+init : the row potential ``f`` to start from, shape (n,) or (B, n) (e.g. ``result.f``
+    of an earlier run; :mod:`scot_ot.ot.start`). Running ``k`` iterations, then ``k``
+    more from the result's ``f``, gives the ``2k`` iterates (no eps schedule).
+    Without it the solver starts from SCOT's ``u = 1/n``, like every entropic solver.
 eps_schedule : ``(eps_start, factor)`` with ``0 < factor < 1``: iteration ``t``
     (counted from 0 in each call) runs with ``max(eps, eps_start * factor**t)``
     and its ``tau``, so eps decreases geometrically to the problem's eps over the
@@ -52,8 +53,9 @@ Precision
 Scores, log-sum-exp accumulators and potentials are float32 whatever the cost
 dtype. For a float32 cost the iterates agree with float64 ``torch-log`` to about
 ``1e-6`` relative. A stored cost ``C_hat != C`` (``cost_dtype`` narrower than
-C) is the problem that is solved: ``result.problem`` carries ``C_hat`` (with the
-original ``a, b``), so ``result.plan``, ``result.cost`` and the reported errors
+C) is the problem that is solved: ``result.problem`` carries ``C_hat`` with
+``a, b`` in its working dtype (float32, as :meth:`OTProblem.create` would make
+them for ``C_hat``), so ``result.plan``, ``result.cost`` and the reported errors
 all refer to ``C_hat``. Its distance to the plan of C is governed by
 ``delta = max |C_hat - C|`` (``<= 2^-8 max|C|`` for bfloat16, ``2^-11 max|C|`` for
 float16): the log-plan moves by ``O(delta / eps)``. Measured (docs/fused-sinkhorn.md),
@@ -61,8 +63,11 @@ the converged potential sums ``f_i + g_j`` move by at most ``1.9 delta`` and the
 plan by at most ``0.19 delta / eps`` in L1; the tests hold them to ``4 delta`` and
 ``delta / eps``. A float64 problem needs ``cost_dtype=torch.float32`` (it is
 then solved for the float32-rounded cost, potentials returned as float64); use
-``torch-log`` for a float64 solve. Potentials come back in float32, or float64
-for a float64 problem.
+``torch-log`` for a float64 solve. Potentials and plans come back in float32
+(the precision they were computed in), whatever the cost's dtype.
+
+Gradients: none (the kernels have no backward); ``scot_ot.solve`` refuses a cost
+or marginal that requires grad.
 
 Devices
 -------
@@ -90,19 +95,24 @@ from typing import Dict, Optional, Set, Tuple
 import torch
 
 from ..iterate import iterate
-from ..problem import OTProblem
-from ..registry import SolverInfo
+from ..memory import fused_bytes
+from ..problem import OTProblem, real_scalar
+from ..registry import (INIT, Compute, Devices, Domain, Dtypes, Family, Marginals, Option, SolverInfo,
+                        problem_kind, quoted, register, suggest)
 from ..result import OTResult, marginal_error
-from ..torch_log import check_init
+from ..start import check_init, start_potential
 
 #: dtypes the kernels can read C in (kept equal to ``kernels.COST_DTYPES``)
 COST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-CPU_SOLVERS = "'torch-log', 'torch-absorb' or 'pot-sinkhorn-log'"
+def cpu_solvers(kind: Marginals = Marginals.BALANCED) -> str:
+    """The registered solvers that solve a problem of this kind on the CPU, finite at any eps."""
+    return quoted(suggest("fused", {kind}, stable=True, device_type="cpu"))
 
 
-def load_kernels(device: torch.device):
-    """Import the Triton kernels on first use; refuse a device they cannot run on.
+def load_kernels(device: torch.device, kind: Marginals = Marginals.BALANCED):
+    """Import the Triton kernels on first use; refuse a device they cannot run on (naming the
+    CPU solvers of problems of ``kind``).
 
     On CPU the kernels run only in the Triton interpreter, which triton enables
     when ``TRITON_INTERPRET=1`` is set before it is first imported.
@@ -112,14 +122,14 @@ def load_kernels(device: torch.device):
     if device.type != "cuda" and not cpu_ok:
         raise RuntimeError(
             f"solver 'fused': its Triton kernels need a CUDA device, the cost is on {device}. "
-            f"On CPU use {CPU_SOLVERS}; to run the kernels in the (slow) Triton interpreter "
+            f"On CPU use {cpu_solvers(kind)}; to run the kernels in the (slow) Triton interpreter "
             "instead, set TRITON_INTERPRET=1 before triton is first imported."
         )
     try:
         from . import kernels
     except ImportError as err:
         raise RuntimeError(
-            f"solver 'fused' needs triton ({err}); install it, or use {CPU_SOLVERS}"
+            f"solver 'fused' needs triton ({err}); install it, or use {cpu_solvers(kind)}"
         ) from err
     return kernels
 
@@ -153,16 +163,14 @@ def check_schedule(eps_schedule) -> Optional[Tuple[float, float]]:
     """Validate ``eps_schedule = (eps_start, factor)`` (None: no schedule)."""
     if eps_schedule is None:
         return None
-    ok = isinstance(eps_schedule, (tuple, list)) and len(eps_schedule) == 2 and all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-        for x in eps_schedule
-    )
-    if not ok or not eps_schedule[0] > 0 or not 0 < eps_schedule[1] < 1:
-        raise ValueError(
-            "eps_schedule: expected (eps_start, factor) with eps_start > 0 and 0 < factor < 1, "
-            f"got {eps_schedule!r}"
-        )
-    return float(eps_schedule[0]), float(eps_schedule[1])
+    bad = ValueError("eps_schedule: expected (eps_start, factor) with eps_start > 0 and "
+                     f"0 < factor < 1, got {eps_schedule!r}")
+    if not (isinstance(eps_schedule, (tuple, list)) and len(eps_schedule) == 2):
+        raise bad
+    start, factor = (real_scalar("eps_schedule", x) for x in eps_schedule)
+    if not (math.isfinite(start) and start > 0 and 0 < factor < 1):
+        raise bad
+    return start, factor
 
 
 @dataclass
@@ -222,20 +230,16 @@ class FusedScheme:
 
     # ------------------------------------------------------------------ Scheme
     def start(self, problem: OTProblem) -> FusedState:
-        B, n, m = problem.shape
+        B, _, m = problem.shape
         self.problem = problem
         self.C = problem.C.to(self.cost_dtype).contiguous()  # (B, n, m), one copy at most
         self.log_a = torch.log(problem.a.float()).contiguous()  # (B, n), -inf for zero weights
         self.log_b = torch.log(problem.b.float()).contiguous()  # (B, m)
         self.row_step = self.K.HalfStep("row", self.C, self.log_b, self.row_tiling)
         self.col_step = self.K.HalfStep("col", self.C, self.log_a, self.col_tiling)
-        self.out_dtype = torch.promote_types(problem.C.dtype, torch.float32)
-        if self.init is None:
-            f = torch.zeros(B, n, dtype=torch.float32, device=problem.C.device)
-            g = torch.zeros(B, m, dtype=torch.float32, device=problem.C.device)
-        else:
-            f, g = (x.to(device=problem.C.device, dtype=torch.float32).reshape(B, -1).contiguous()
-                    for x in self.init)
+        self.out_dtype = problem.dtype  # float32 for the problems the solver hands over
+        f = start_potential(problem, self.init).float().contiguous()  # (B, n), SCOT's start or init
+        g = torch.zeros(B, m, dtype=torch.float32, device=problem.C.device)  # recomputed from f first
         self.use_graphs = problem.C.device.type == "cuda" and not self.K.INTERPRETED
         return FusedState(f, g, 0)
 
@@ -310,30 +314,39 @@ class FusedScheme:
         return None
 
 
+@register
 class FusedSinkhorn:
     """Fused log-domain Sinkhorn in Triton (see the module docstring for the options)."""
 
     name = "fused"
-    options = ("init", "eps_schedule", "cost_dtype")
     info = SolverInfo(
-        domain="log",
-        unbalanced=True,
-        devices="cuda (cpu only in the Triton interpreter)",
-        exact=False,
-        batched="native",
         summary="log-domain Sinkhorn in Triton: two streaming passes over C per iteration, "
-        "float32/bf16/fp16 cost",
+                "float32/bf16/fp16 cost",
+        family=Family.ENTROPIC,
+        marginals={Marginals.BALANCED, Marginals.KL_UNBALANCED, Marginals.SEMI_RELAXED},
+        domain=Domain.LOG,
+        devices=Devices(("cuda", "cpu"), cpu_interpreter_only=True),
+        dtypes=Dtypes(COST_DTYPES, Compute.FLOAT32),  # a float64 cost needs cost_dtype=torch.float32
+        finite_at_any_eps=True,
+        options=(INIT,
+                 Option("eps_schedule", "(eps_start, factor), 0 < factor < 1: eps decreases geometrically "
+                                        "to the problem's eps (default None)"),
+                 Option("cost_dtype", "the dtype the kernels read C in: None (C's), torch.float32, "
+                                      "torch.bfloat16 or torch.float16")),
+        memory=fused_bytes,
     )
 
     def solve(self, problem: OTProblem, *, max_iter: int, tol: float, check_every: int,
               init=None, eps_schedule=None, cost_dtype=None) -> OTResult:
-        check_init(problem, init)
+        init = check_init(problem, init)
         schedule = check_schedule(eps_schedule)
         dtype = storage_dtype(problem, cost_dtype)
-        kernels = load_kernels(problem.C.device)
+        kernels = load_kernels(problem.C.device, problem_kind(problem))
+        if dtype != problem.C.dtype:
+            # the problem solved is the one with the stored (rounded) cost, and its marginals in
+            # that cost's working dtype: what OTProblem.create(C_hat, a, b) would build
+            problem = dataclasses.replace(problem, C=problem.C.to(dtype), a=problem.a.float(),
+                                          b=problem.b.float())
+            init = None if init is None else init.float()
         scheme = FusedScheme(kernels, dtype, init, schedule)
-        result = iterate(self.name, scheme, problem, max_iter, tol, check_every)
-        if scheme.C.dtype != problem.C.dtype:
-            # the problem solved is the one with the stored (rounded) cost
-            result = dataclasses.replace(result, problem=dataclasses.replace(problem, C=scheme.C))
-        return result
+        return iterate(self.name, scheme, problem, max_iter, tol, check_every)
