@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 import scot_ot.cli as cli
+from fast_models import cached_backbone, use_small_models
 import scot_ot.features as features
 from scot_ot.data import SAMPLES, sample_pair
 from scot_ot.datasets import DatasetError, load_pairs
@@ -47,31 +48,12 @@ DOC = REPO / "docs" / "bad-inputs.md"
 SIDE = 96  # image side for cases that extract features
 
 # ------------------------------------------------------------------ shared fixtures
-_BACKBONES: Dict[tuple, object] = {}
-_get_backbone = features.get_backbone
-
-
-def _cached_backbone(name, weights=None, device="cpu", pretrained=True):
-    if weights is not None:
-        return _get_backbone(name, weights=weights, device=device, pretrained=pretrained)
-    key = (name, str(device), pretrained)
-    if key not in _BACKBONES:
-        _BACKBONES[key] = _get_backbone(name, device=device, pretrained=pretrained)
-    return _BACKBONES[key]
 
 
 @pytest.fixture(autouse=True)
 def fast_models(monkeypatch):
     """One backbone load for the module; CLI models at :data:`SIDE` px."""
-    monkeypatch.setattr(features, "get_backbone", _cached_backbone)
-    build = cli.build_model
-
-    def small(args, solver):
-        model = build(args, solver)
-        model.image_side = SIDE
-        return model
-
-    monkeypatch.setattr(cli, "build_model", small)
+    use_small_models(monkeypatch, SIDE)
 
 
 def _willow(root: Path, rows: List[Tuple[str, str, Optional[Tuple[int, float]]]]) -> Path:
@@ -132,7 +114,7 @@ def d(tmp_path_factory) -> Path:
     empty = _willow(d / "willow-empty", [(DUCK_A, DUCK_B, None)])
     shutil.rmtree(empty / "PF-WILLOW")  # the csv names images that are not there
     # a valid results file made with eps 0.1 and the root written relative to d
-    layers = list(_cached_backbone("efficientnet-lite0").default_layers)
+    layers = list(cached_backbone("efficientnet-lite0").default_layers)
     config = {"dataset": "pf-willow", "root": "willow", "split": "test", "every": 1, "limit": None,
               "backbone": "efficientnet-lite0", "layers": layers, "eps": 0.1, "max_iter": 1, "tol": 1e-6,
               "use_cam": True, "rhm": True, "exponent": 0.5, "solvers": ["pot-sinkhorn"],
@@ -339,7 +321,7 @@ def test_docs_list_every_case():
 # ------------------------------------------------------------------ the API table
 @pytest.fixture(scope="module")
 def model():
-    features.get_backbone, saved = _cached_backbone, features.get_backbone
+    features.get_backbone, saved = cached_backbone, features.get_backbone
     try:
         return SCOT(image_side=SIDE)
     finally:

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import scot_ot.cli as cli
+from fast_models import cached_backbone, uncached_backbone, use_small_models
 import scot_ot.features as features
 from scot_ot.data import sample_pair
 from scot_ot.datasets import load_pairs
@@ -39,31 +40,10 @@ SIDE = 96
 N_PAIRS = 6
 needs_willow = pytest.mark.skipif(not WILLOW_DEV.is_dir(), reason="PF-WILLOW-dev is not beside the checkout")
 
-_BACKBONES: dict = {}
-_get_backbone = features.get_backbone
-
-
-def _cached_backbone(name, weights=None, device="cpu", pretrained=True):
-    if weights is not None:
-        return _get_backbone(name, weights=weights, device=device, pretrained=pretrained)
-    key = (name, str(device), pretrained)
-    if key not in _BACKBONES:
-        _BACKBONES[key] = _get_backbone(name, device=device, pretrained=pretrained)
-    return _BACKBONES[key]
-
-
 @pytest.fixture(autouse=True)
 def fast_models(monkeypatch):
     """One backbone load for the module; CLI models at SIDE px; one torch thread (see the module doc)."""
-    monkeypatch.setattr(features, "get_backbone", _cached_backbone)
-    build = cli.build_model
-
-    def small(args, solver):
-        model = build(args, solver)
-        model.image_side = SIDE
-        return model
-
-    monkeypatch.setattr(cli, "build_model", small)
+    use_small_models(monkeypatch, SIDE)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -95,7 +75,7 @@ def single(tmp_path_factory) -> dict:
     """The single-process, unsharded record of the first N_PAIRS pairs (1 thread, SIDE px)."""
     out = tmp_path_factory.mktemp("single") / "r.json"
     mp = pytest.MonkeyPatch()
-    mp.setattr(features, "get_backbone", _cached_backbone)
+    mp.setattr(features, "get_backbone", cached_backbone)
     build = cli.build_model
 
     def small(args, solver):
@@ -301,7 +281,7 @@ def test_merge_names_what_does_not_fit():
 # ------------------------------------------------------------------ the feature cache on disk
 @pytest.fixture(scope="module")
 def model():
-    features.get_backbone, saved = _cached_backbone, features.get_backbone
+    features.get_backbone, saved = cached_backbone, features.get_backbone
     try:
         return SCOT(image_side=SIDE)
     finally:
@@ -347,7 +327,7 @@ def test_disk_cache_returns_fresh_features_and_misses_a_changed_setting(model, t
     assert len(set(changed)) == 4 and DiskCache(tmp_path, model).key(path) not in changed
     other = SCOT.__new__(SCOT)
     other.__dict__.update(model.__dict__)
-    other.backbone = _get_backbone("efficientnet-lite0", pretrained=False)  # other weights, same name
+    other.backbone = uncached_backbone("efficientnet-lite0", pretrained=False)  # other weights, same name
     assert DiskCache(tmp_path, other).key(path) != DiskCache(tmp_path, model).key(path)
 
 
