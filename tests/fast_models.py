@@ -35,3 +35,14 @@ def use_small_models(monkeypatch, side: int) -> None:
         return model
 
     monkeypatch.setattr(cli, "build_model", small)
+
+
+def small_scot(side: int):
+    """A default :class:`scot_ot.matching.SCOT` at ``side`` px on the cached backbone."""
+    from scot_ot.matching import SCOT
+
+    features.get_backbone, saved = cached_backbone, features.get_backbone
+    try:
+        return SCOT(image_side=side)
+    finally:
+        features.get_backbone = saved

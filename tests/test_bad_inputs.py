@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import scot_ot.cli as cli
-from fast_models import cached_backbone, use_small_models
+from fast_models import cached_backbone, small_scot, use_small_models
 import scot_ot.features as features
 from scot_ot.data import SAMPLES, sample_pair
 from scot_ot.datasets import DatasetError, load_pairs
@@ -321,11 +321,7 @@ def test_docs_list_every_case():
 # ------------------------------------------------------------------ the API table
 @pytest.fixture(scope="module")
 def model():
-    features.get_backbone, saved = cached_backbone, features.get_backbone
-    try:
-        return SCOT(image_side=SIDE)
-    finally:
-        features.get_backbone = saved
+    return small_scot(SIDE)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import scot_ot.cli as cli
-from fast_models import cached_backbone, uncached_backbone, use_small_models
+from fast_models import small_scot, uncached_backbone, use_small_models
 import scot_ot.features as features
 from scot_ot.data import sample_pair
 from scot_ot.datasets import load_pairs
@@ -75,15 +75,7 @@ def single(tmp_path_factory) -> dict:
     """The single-process, unsharded record of the first N_PAIRS pairs (1 thread, SIDE px)."""
     out = tmp_path_factory.mktemp("single") / "r.json"
     mp = pytest.MonkeyPatch()
-    mp.setattr(features, "get_backbone", cached_backbone)
-    build = cli.build_model
-
-    def small(args, solver):
-        model = build(args, solver)
-        model.image_side = SIDE
-        return model
-
-    mp.setattr(cli, "build_model", small)
+    use_small_models(mp, SIDE)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -281,11 +273,7 @@ def test_merge_names_what_does_not_fit():
 # ------------------------------------------------------------------ the feature cache on disk
 @pytest.fixture(scope="module")
 def model():
-    features.get_backbone, saved = cached_backbone, features.get_backbone
-    try:
-        return SCOT(image_side=SIDE)
-    finally:
-        features.get_backbone = saved
+    return small_scot(SIDE)
 
 
 def _same(a, b) -> bool:
