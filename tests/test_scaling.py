@@ -26,7 +26,6 @@ import torch
 
 import scot_ot.cli as cli
 from fast_models import small_scot, uncached_backbone, use_small_models
-import scot_ot.features as features
 from scot_ot.data import sample_pair
 from scot_ot.datasets import load_pairs
 from scot_ot.evaluation.disk_cache import DiskCache
