@@ -63,7 +63,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iter", type=int, default=1,
                    help="OT iterations (default 1, SCOT's official setting)")
     p.add_argument("--tol", type=float, default=1e-6)
-    p.add_argument("--no-cam", action="store_true", help="uniform marginals instead of CAM weights")
+    p.add_argument("--marginals", choices=("cam", "mask", "uniform"), default="cam",
+                   help="marginal weights: cam (SCOT's default), mask (SCOT's FCN variant: the foreground "
+                        "masks of --masks; eval and diagnose), uniform")
     p.add_argument("--no-rhm", action="store_true", help="skip regularised Hough matching")
     p.add_argument("--exponent", type=float, default=0.5)
 
@@ -110,10 +112,14 @@ def check_solver_specs(specs: List[str], args, flag: str = "--solver") -> List[T
 
 
 def check_model_args(args) -> None:
-    """Backbone, device, weights and exponent, before anything is loaded."""
+    """Backbone, device, weights, exponent and marginals, before anything is loaded."""
     from .features import available_backbones
     from .matching.scot import check_device
 
+    if args.marginals == "mask" and not getattr(args, "masks", None):
+        where = ("give the masks with --masks" if hasattr(args, "masks")
+                 else "masks come with 'scot-ot eval --masks DIR' and 'scot-ot diagnose --masks SRC TRG'")
+        raise ValueError(f"--marginals mask: needs foreground masks; {where}")
     if args.backbone not in available_backbones():
         raise ValueError(f"--backbone: unknown backbone {args.backbone!r}; available: "
                          f"{', '.join(available_backbones())}")
@@ -144,7 +150,7 @@ def build_model(args, solver: str):
     try:
         return SCOT(backbone=args.backbone, layers=args.layers, weights=args.weights, device=args.device,
                     solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
-                    use_cam=not args.no_cam, rhm=not args.no_rhm, exponent=args.exponent)
+                    use_cam=args.marginals != "uniform", rhm=not args.no_rhm, exponent=args.exponent)
     except (CheckpointError, WeightsNotFoundError) as e:
         raise ValueError(f"--weights: {e}" if args.weights else str(e)) from None
     except ValueError as e:
@@ -287,8 +293,9 @@ def cmd_demo(args) -> int:
 def cmd_eval(args) -> int:
     """PCK of one or several solvers on a split; a shard of it with ``--shard K/N``; one rank's under torchrun."""
     from .datasets import DatasetError, load_pairs
+    from .datasets.masks import MaskFolder
     from .evaluation import distributed
-    from .evaluation.run import evaluate, format_table, read_results
+    from .evaluation.run import evaluate, format_table, read_results, run_config
     from .evaluation.shards import parse_shard, plan_shard
     from .outputs import check_output_dir, check_output_file
 
@@ -309,6 +316,8 @@ def cmd_eval(args) -> int:
             raise ValueError(f"{flag}: must be an integer >= 1, got {value}")
     levels = [parse_shard(args.shard)] if args.shard is not None else []
     cache_dir = check_output_dir(args.cache_dir, "--cache-dir") if args.cache_dir is not None else None
+    masks = MaskFolder(args.masks, "--masks") if args.masks is not None else None
+    gallery = check_gallery_args(args, solvers, sharded=bool(levels) or launch is not None)
     out = check_output_file(args.out, "--out") if args.out else None
     part = launch.part_file(out) if launch is not None and out is not None else out  # what this process saves
     if args.resume:
@@ -358,14 +367,13 @@ def cmd_eval(args) -> int:
     config = {"dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
               "every": args.every, "limit": args.limit,
               "backbone": args.backbone, "layers": list(model.extractor.layers), "eps": args.eps,
-              "max_iter": args.max_iter, "tol": args.tol, "use_cam": not args.no_cam,
-              "rhm": not args.no_rhm, "exponent": args.exponent}
+              "max_iter": args.max_iter, "tol": args.tol, "rhm": not args.no_rhm, "exponent": args.exponent}
     if levels:
         config["shard"] = [list(lv) for lv in levels]
     if args.resume and part != out and not part.is_file() and out.is_file():
         from .evaluation.pck import DEFAULT_ALPHAS
 
-        full = {**config, "solvers": solvers, "alphas": [float(a) for a in DEFAULT_ALPHAS]}  # as evaluate() has it
+        full = run_config(config, solvers, DEFAULT_ALPHAS, args.marginals, masks)  # as evaluate() has it
         distributed.seed_part(out, part, full, {p.pair_id for p in todo})
     if launch is not None:
         distributed.init(launch, args.device)
@@ -374,7 +382,7 @@ def cmd_eval(args) -> int:
         record = evaluate(model, todo, solvers, out=part, resume=args.resume, config=config,
                           skipped=loaded.skipped, batch_size=args.batch_size, strict=args.strict,
                           cache_dir=cache_dir, shard=plan.record(pairs) if plan is not None else None,
-                          progress=lead)
+                          progress=lead, masks=masks, marginals=args.marginals)
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if launch is not None and part is not None:
@@ -398,7 +406,41 @@ def cmd_eval(args) -> int:
             print(f"  skipped: {s}")
     if out is not None:
         print(f"wrote {out}")
+    if gallery is not None:
+        print(f"wrote {write_eval_gallery(model, todo, record, gallery, args, masks)}")
     return _dead_solvers(record, "eval")
+
+
+def check_gallery_args(args, solvers: List[str], sharded: bool) -> Optional[Path]:
+    """``--gallery`` DIR checked (with ``--gallery-size`` and ``--gallery-compare``) before any work, or None."""
+    from .evaluation.gallery import check_compare, check_size
+    from .outputs import check_output_dir
+    from .plotting import pyplot
+
+    if args.gallery is None:
+        if args.gallery_compare is not None:
+            raise ValueError("--gallery-compare: only with --gallery DIR")
+        return None
+    if sharded:
+        raise ValueError("--gallery: draw it from the merged run (no --shard, no torchrun)")
+    pyplot()  # ImportError naming the plot extra
+    check_size(args.gallery_size)
+    check_compare({"config": {"solvers": solvers}}, args.gallery_compare)
+    return check_output_dir(args.gallery, "--gallery")
+
+
+def write_eval_gallery(model, pairs, record: dict, folder: Path, args, masks) -> Path:
+    """The failure gallery of an eval run, with the run's marginals and foreground."""
+    from .evaluation.gallery import write_gallery
+    from .evaluation.run import FeatureCache, foreground_source, with_marginals
+
+    solvers = record["config"]["solvers"]
+    compare = args.gallery_compare or (tuple(solvers[:2]) if len(solvers) > 1 else None)
+    run_model, mask_for = with_marginals(model, args.marginals, masks)
+    cache = FeatureCache(run_model, capacity=8, mask_for=mask_for)
+    progress(f"drawing the gallery in {folder}")
+    return write_gallery(run_model, pairs, record, folder, size=args.gallery_size, compare=compare,
+                         foreground=foreground_source(masks)[0], features=lambda p: cache.get(p))
 
 
 def _gather_ranks(launch, record: dict, out: Optional[Path], part: Optional[Path], wall_s: float) -> Optional[dict]:
@@ -487,19 +529,6 @@ def _folder_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", spec)
 
 
-def _read_mask(path: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"--masks: no such file: {p}")
-    try:
-        with Image.open(p) as im:
-            return np.asarray(im.convert("L")) > 0
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"--masks: cannot read {p} as an image ({e})") from None
-
-
 def _check_inside(kps: torch.Tensor, img: torch.Tensor, name: str) -> None:
     H, W = img.shape[-2:]
     if bool(((kps < 0) | (kps > torch.tensor([W, H]))).any()):
@@ -518,6 +547,7 @@ def cmd_diagnose(args) -> int:
     import shutil
     import tempfile
 
+    from .datasets.masks import read_mask
     from .diagnostics import cam_foreground, diagnose, keypoint_foreground, mask_foreground
     from .evaluation.pck import pck_per_pair
     from .evaluation.run import check_result, versions
@@ -536,19 +566,21 @@ def cmd_diagnose(args) -> int:
     if src_kps is not None and trg_kps is not None and src_kps.shape != trg_kps.shape:
         raise ValueError(f"--keypoints {tuple(src_kps.shape)} and --trg-keypoints "
                          f"{tuple(trg_kps.shape)} must hold the same number of points")
-    masks = [_read_mask(m) for m in args.masks] if args.masks else None
     src_full, trg_full = load_image(args.src, "src"), load_image(args.trg, "trg")
+    masks = ([read_mask(m, (img.shape[2], img.shape[1]), "--masks")
+              for m, img in zip(args.masks, (src_full, trg_full))] if args.masks else None)
     if src_kps is not None:
         _check_inside(src_kps, src_full, "--keypoints")
     if trg_kps is not None:
         _check_inside(trg_kps, trg_full, "--trg-keypoints")
 
-    # the CAM is always computed (it defines the default foreground); --no-cam only
-    # makes the marginals uniform
-    model = build_model(argparse.Namespace(**{**vars(args), "no_cam": False}), solvers[0][1])
+    # the CAM is computed unless masks replace it (it defines the default foreground);
+    # --marginals uniform only makes the marginals uniform
+    model = build_model(argparse.Namespace(**{**vars(args), "marginals": "cam"}), solvers[0][1])
     progress("extracting features and CAM of both images")
-    hs, ht = model.hyperpixels(src_full, "src"), model.hyperpixels(trg_full, "trg")
-    if args.no_cam:
+    by_mask = masks if args.marginals == "mask" else (None, None)
+    hs, ht = model.hyperpixels(src_full, "src", by_mask[0]), model.hyperpixels(trg_full, "trg", by_mask[1])
+    if args.marginals == "uniform":
         hs = dataclasses.replace(hs, weights=torch.ones_like(hs.weights))
         ht = dataclasses.replace(ht, weights=torch.ones_like(ht.weights))
     if masks is not None:
@@ -597,7 +629,7 @@ def cmd_diagnose(args) -> int:
         record = {"src": str(args.src), "trg": str(args.trg), "foreground": fg.describe(),
                   "config": {"backbone": args.backbone, "layers": list(model.extractor.layers),
                              "eps": args.eps, "max_iter": args.max_iter, "tol": args.tol,
-                             "use_cam": not args.no_cam, "rhm": not args.no_rhm,
+                             "marginals": args.marginals, "rhm": not args.no_rhm,
                              "exponent": args.exponent},
                   "versions": versions(), "solvers": table, "n_failed": len(failed)}
         write_json(record, stage / "diagnostics.json")
@@ -686,6 +718,16 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--cache-dir", metavar="DIR", default=None,
                    help="keep each image's hyperpixels and CAM in DIR, keyed by image content and feature "
                         "settings, for later runs and other shards")
+    e.add_argument("--gallery", metavar="DIR", default=None,
+                   help="write pictures of the worst pairs (lowest PCK@0.10 of the first solver) and of the "
+                        "pairs where two solvers differ most, with DIR/index.html showing them")
+    e.add_argument("--gallery-size", metavar="K", type=int, default=8, help="pairs per gallery selection")
+    e.add_argument("--gallery-compare", nargs=2, metavar=("SPEC_A", "SPEC_B"), default=None,
+                   help="the two --solver specs the gallery contrasts (default: the first two)")
+    e.add_argument("--masks", metavar="DIR", default=None,
+                   help="foreground masks, DIR/<image folder>/<image>.png or DIR/<image>.png (e.g. "
+                        "PF-WILLOW-FCN): the foreground of the background rate (else the keypoint box), "
+                        "and the marginals with --marginals mask")
     add_model_args(e)
     e.set_defaults(func=cmd_eval, device=None)  # None: cpu, or cuda:LOCAL_RANK under torchrun with CUDA
 

@@ -42,18 +42,42 @@ def _hwc(img: torch.Tensor) -> np.ndarray:
     return img.detach().cpu().permute(1, 2, 0).clamp(0, 1).numpy()
 
 
-def side_by_side(src_img: torch.Tensor, trg_img: torch.Tensor):
-    """Figure with both (3, H, W) images on one canvas; returns (fig, ax, x offset of trg)."""
-    plt = pyplot()
+def _points(kps) -> torch.Tensor:
+    """(K, 2) float32 CPU tensor of keypoints given as a tensor or an array (copied: datasets hand out read-only arrays)."""
+    if isinstance(kps, torch.Tensor):
+        return kps.detach().cpu().float()
+    return torch.from_numpy(np.array(kps, dtype=np.float32))
+
+
+def _canvas(src_img: torch.Tensor, trg_img: torch.Tensor):
+    """Both (3, H, W) images side by side on one white (H_max, W_s + W_t, 3) array; returns (canvas, x offset of trg)."""
     a, b = _hwc(src_img), _hwc(trg_img)
     H = max(a.shape[0], b.shape[0])
     canvas = np.ones((H, a.shape[1] + b.shape[1], 3))
     canvas[: a.shape[0], : a.shape[1]] = a
     canvas[: b.shape[0], a.shape[1]:] = b
-    fig, ax = plt.subplots(figsize=(canvas.shape[1] / 60, canvas.shape[0] / 60))
+    return canvas, a.shape[1]
+
+
+def draw_side_by_side(ax, src_img: torch.Tensor, trg_img: torch.Tensor) -> int:
+    """Show both (3, H, W) images on ``ax``, the target right of the source; returns the target's x offset."""
+    canvas, dx = _canvas(src_img, trg_img)
     ax.imshow(canvas)
     ax.axis("off")
-    return fig, ax, a.shape[1]
+    return dx
+
+
+def _pair_figure(src_img: torch.Tensor, trg_img: torch.Tensor):
+    """An empty (fig, ax) sized for both images side by side (60 image pixels per inch)."""
+    H = max(src_img.shape[-2], trg_img.shape[-2])
+    W = src_img.shape[-1] + trg_img.shape[-1]
+    return pyplot().subplots(figsize=(W / 60, H / 60))
+
+
+def side_by_side(src_img: torch.Tensor, trg_img: torch.Tensor):
+    """Figure with both (3, H, W) images on one canvas; returns (fig, ax, x offset of trg)."""
+    fig, ax = _pair_figure(src_img, trg_img)
+    return fig, ax, draw_side_by_side(ax, src_img, trg_img)
 
 
 def trusted_matches(corr, top: int = 60, cam_threshold: float = 0.5):
@@ -83,19 +107,22 @@ def trusted_matches(corr, top: int = 60, cam_threshold: float = 0.5):
     return idx, text
 
 
-def plot_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, out: os.PathLike,
-                 top: int = 60, src_kps: Optional[torch.Tensor] = None,
-                 pred_kps: Optional[torch.Tensor] = None, gt_kps: Optional[torch.Tensor] = None,
-                 title: str = "") -> Path:
-    """Matches a reader can trust as coloured lines (see :func:`trusted_matches`); keypoints when given.
+# ------------------------------------------------------------------ matches
+def draw_matches(ax, corr, src_img: torch.Tensor, trg_img: torch.Tensor, top: int = 60,
+                 src_kps: Optional[torch.Tensor] = None, pred_kps: Optional[torch.Tensor] = None,
+                 gt_kps: Optional[torch.Tensor] = None, title: str = "") -> None:
+    """Draw on ``ax``: both images, the trusted matches (:func:`trusted_matches`) as coloured
+    lines, and the keypoints when given, with a legend below saying what each mark is.
 
-    The legend says what the lines are. Images are the resized ones
-    (``corr.src.size``); keypoints are in original pixels and are scaled here.
+    Images are the resized ones (``corr.src.size``); keypoints (K, 2) xy are in
+    original pixels and are scaled here by ``corr.src.scale`` / ``corr.trg.scale``.
+    ``pred_kps`` (transferred) and ``gt_kps`` (ground truth) are target keypoints; a
+    white line joins each prediction to its ground truth (the error).
     """
     from matplotlib.lines import Line2D
 
     plt = pyplot()
-    fig, ax, dx = side_by_side(src_img, trg_img)
+    dx = draw_side_by_side(ax, src_img, trg_img)
     order, what = trusted_matches(corr, top)
     s = corr.src.centres.cpu()[order]
     t = corr.trg.centres.cpu()[corr.matches.cpu()[order]]
@@ -106,42 +133,53 @@ def plot_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, out: os.Pat
     handles = [Line2D([0], [0], color="grey", lw=0.8, marker="o", ms=2, label=f"coloured lines: {what}")]
     sxs, sxt = torch.tensor(corr.src.scale), torch.tensor(corr.trg.scale)
     if src_kps is not None:
-        k = torch.as_tensor(src_kps, dtype=torch.float32) * sxs
+        k = _points(src_kps) * sxs
         handles.append(ax.scatter(k[:, 0], k[:, 1], s=40, c="yellow", edgecolors="black", marker="o",
                                   zorder=5, label="source keypoints"))
     if pred_kps is not None:
-        k = torch.as_tensor(pred_kps, dtype=torch.float32) * sxt
+        k = _points(pred_kps) * sxt
         handles.append(ax.scatter(k[:, 0] + dx, k[:, 1], s=40, c="yellow", edgecolors="black", marker="o",
                                   zorder=5, label="transferred keypoints"))
     if gt_kps is not None:
-        k = torch.as_tensor(gt_kps, dtype=torch.float32) * sxt
+        k = _points(gt_kps) * sxt
         handles.append(ax.scatter(k[:, 0] + dx, k[:, 1], s=50, c="lime", marker="x", zorder=6,
                                   label="ground truth (white: error)"))
         if pred_kps is not None:
-            p = torch.as_tensor(pred_kps, dtype=torch.float32) * sxt
+            p = _points(pred_kps) * sxt
             for (x0, y0), (x1, y1) in zip(p.tolist(), k.tolist()):
                 ax.plot([x0 + dx, x1 + dx], [y0, y1], "-", color="white", lw=0.8)
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=7, frameon=False)
     if title:
         ax.set_title(title, fontsize=8)
+
+
+def plot_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, out: os.PathLike,
+                 top: int = 60, src_kps: Optional[torch.Tensor] = None,
+                 pred_kps: Optional[torch.Tensor] = None, gt_kps: Optional[torch.Tensor] = None,
+                 title: str = "") -> Path:
+    """:func:`draw_matches` on a figure of its own, saved to ``out`` (:func:`save_figure`)."""
+    fig, ax = _pair_figure(src_img, trg_img)
+    draw_matches(ax, corr, src_img, trg_img, top, src_kps=src_kps, pred_kps=pred_kps, gt_kps=gt_kps,
+                 title=title)
     return save_figure(fig, out)
 
 
+# ------------------------------------------------------------------ in-degree
 def _grid_overlay(ax, values: np.ndarray, size, dx: float = 0.0, **kwargs):
     """Draw an (h, w) grid of values over an image of ``size`` (W, H) placed at x offset ``dx``."""
     W, H = size
     return ax.imshow(values, extent=(dx, dx + W, H, 0), interpolation="nearest", **kwargs)
 
 
-def plot_in_degree(corr, trg_img: torch.Tensor, out: os.PathLike, title: str = "") -> Path:
-    """Heat map of the target in-degree ``d_j`` (sources matched to target hyperpixel j) over the target image."""
+def draw_in_degree(ax, corr, trg_img: torch.Tensor, title: str = ""):
+    """Draw on ``ax`` the target image and, over it, the heat map of the in-degree
+    :math:`d_j = |\\{i : m(i) = j\\}|` of each target hyperpixel ``j`` (targets no source
+    hits are left clear). Returns the heat map's image, for a colour bar."""
     from .diagnostics import in_degree
 
-    plt = pyplot()
     h, w = corr.trg.grid
-    d = in_degree(corr.matches.cpu(), len(corr.trg)).reshape(h, w).numpy()
+    d = in_degree(corr.matches.cpu(), len(corr.trg)).reshape(h, w).numpy()  # (h, w)
     img = _hwc(trg_img)
-    fig, ax = plt.subplots(figsize=(img.shape[1] / 50, img.shape[0] / 50))
     ax.imshow(img)
     masked = np.ma.masked_where(d == 0, d)
     im = _grid_overlay(ax, masked, corr.trg.size, cmap="inferno", alpha=0.75, vmin=1,
@@ -149,25 +187,40 @@ def plot_in_degree(corr, trg_img: torch.Tensor, out: os.PathLike, title: str = "
     ax.set_xlim(0, img.shape[1])
     ax.set_ylim(img.shape[0], 0)
     ax.axis("off")
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="in-degree (0: not drawn)")
     ax.set_title(title or f"target in-degree, max {int(d.max())}", fontsize=8)
+    return im
+
+
+def plot_in_degree(corr, trg_img: torch.Tensor, out: os.PathLike, title: str = "") -> Path:
+    """Heat map of the target in-degree ``d_j`` (sources matched to target hyperpixel j) over the target image
+    (:func:`draw_in_degree` with a colour bar, saved to ``out``)."""
+    plt = pyplot()
+    H, W = trg_img.shape[-2:]
+    fig, ax = plt.subplots(figsize=(W / 50, H / 50))
+    im = draw_in_degree(ax, corr, trg_img, title)
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="in-degree (0: not drawn)")
     return save_figure(fig, out)
 
 
-def plot_background_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, foreground,
-                            out: os.PathLike, max_lines: int = 200, title: str = "") -> Path:
-    """Foreground (blue tint) of both images; foreground sources matched into the target
-    background as red lines, into the target foreground as thin green lines (at most
-    ``max_lines`` of each, evenly subsampled)."""
+# ------------------------------------------------------------------ background matches
+def draw_background_matches(ax, corr, src_img: torch.Tensor, trg_img: torch.Tensor, foreground,
+                            max_lines: int = 200, title: str = "") -> float:
+    """Draw on ``ax``: both images with their foreground tinted blue; foreground sources
+    matched into the target background as red lines, into the target foreground as thin
+    green lines (at most ``max_lines`` of each, evenly subsampled).
+
+    ``foreground``: a :class:`scot_ot.diagnostics.Foreground`. Returns the share of
+    foreground sources matched into the background (0 when the source has no foreground).
+    """
     plt = pyplot()
-    fig, ax, dx = side_by_side(src_img, trg_img)
+    dx = draw_side_by_side(ax, src_img, trg_img)
     tint = lambda m, grid: np.ma.masked_where(~m.reshape(grid).numpy(), np.ones(grid))  # noqa: E731
     blue = plt.cm.colors.ListedColormap(["#3060ff"])
     _grid_overlay(ax, tint(foreground.src.cpu(), corr.src.grid), corr.src.size, cmap=blue, alpha=0.35)
     _grid_overlay(ax, tint(foreground.trg.cpu(), corr.trg.grid), corr.trg.size, dx, cmap=blue, alpha=0.35)
     matches = corr.matches.cpu()
     src_fg = foreground.src.cpu().bool()
-    into_bg = src_fg & ~foreground.trg.cpu().bool()[matches]
+    into_bg = src_fg & ~foreground.trg.cpu().bool()[matches]  # (N,)
     into_fg = src_fg & ~into_bg
     s, t = corr.src.centres.cpu(), corr.trg.centres.cpu()[matches]
     for sel, colour, lw in ((into_fg, "lime", 0.4), (into_bg, "red", 0.7)):
@@ -179,4 +232,12 @@ def plot_background_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, 
     rate = float(into_bg.sum()) / max(int(src_fg.sum()), 1)
     ax.set_title(title or f"foreground ({foreground.method}) matched into background: {rate:.1%}",
                  fontsize=8)
+    return rate
+
+
+def plot_background_matches(corr, src_img: torch.Tensor, trg_img: torch.Tensor, foreground,
+                            out: os.PathLike, max_lines: int = 200, title: str = "") -> Path:
+    """:func:`draw_background_matches` on a figure of its own, saved to ``out`` (:func:`save_figure`)."""
+    fig, ax = _pair_figure(src_img, trg_img)
+    draw_background_matches(ax, corr, src_img, trg_img, foreground, max_lines, title)
     return save_figure(fig, out)

@@ -7,7 +7,7 @@ models at ``side`` px, so tables of CLI cases run in seconds.
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict
 
 import scot_ot.cli as cli
 import scot_ot.features as features
@@ -46,3 +46,15 @@ def small_scot(side: int):
         return SCOT(image_side=side)
     finally:
         features.get_backbone = saved
+
+
+def drop_timings(obj: Any) -> Any:
+    """``obj`` (a results record or part of one) without its measured times: every key ending in ``time_s``.
+
+    Times are measurements; records made of the same work must agree on everything else.
+    """
+    if isinstance(obj, dict):
+        return {k: drop_timings(v) for k, v in obj.items() if not k.endswith("time_s")}
+    if isinstance(obj, list):
+        return [drop_timings(v) for v in obj]
+    return obj

@@ -117,7 +117,7 @@ def d(tmp_path_factory) -> Path:
     layers = list(cached_backbone("efficientnet-lite0").default_layers)
     config = {"dataset": "pf-willow", "root": "willow", "split": "test", "every": 1, "limit": None,
               "backbone": "efficientnet-lite0", "layers": layers, "eps": 0.1, "max_iter": 1, "tol": 1e-6,
-              "use_cam": True, "rhm": True, "exponent": 0.5, "solvers": ["pot-sinkhorn"],
+              "rhm": True, "exponent": 0.5, "marginals": "cam", "masks": None, "solvers": ["pot-sinkhorn"],
               "alphas": [0.05, 0.1, 0.15]}
     (d / "resume-other.json").write_text(json.dumps({"config": config, "pairs": [], "complete": False}))
     _shard_files(d, {**config, "eps": 0.05})

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fast_models import drop_timings
 from scot_ot.cli import main
 from scot_ot.data import sample_pair
 
@@ -118,8 +119,7 @@ def test_eval_batched_features_give_the_same_results(tmp_path):
     # whose convolutions round differently by batch size would move the features by ~1e-5, see
     # test_batched_hyperpixels_equal_unbatched, and could flip a CAM staircase step: that would
     # show here, and deserves a look.)
-    drop_time = lambda p: {k: v for k, v in p["results"]["pot-sinkhorn"].items() if k != "ot_time_s"}  # noqa: E731
-    assert [drop_time(p) for p in recs["1"]["pairs"]] == [drop_time(p) for p in recs["3"]["pairs"]]
+    assert drop_timings(recs["1"]["pairs"]) == drop_timings(recs["3"]["pairs"])
     assert recs["1"]["solvers"]["pot-sinkhorn"]["pck"] == recs["3"]["solvers"]["pot-sinkhorn"]["pck"]
 
 

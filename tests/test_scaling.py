@@ -6,8 +6,8 @@ with one torch thread everywhere: features computed with 1 and 2 threads differ 
 their last float bits (measured: up to 9e-7), and "equal to a single-process run"
 means bit-equal here, so every run compared uses the same thread count. torchrun runs
 with 2 gloo processes through ``python -m scot_ot`` (a wrapper sets the image side
-first). Timings (``ot_time_s``, ``mean_ot_time_s``) are measurements and are left out
-of every comparison.
+first). Timings (every ``*time_s`` key) are measurements and are left out of every
+comparison.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import scot_ot.cli as cli
-from fast_models import small_scot, uncached_backbone, use_small_models
+from fast_models import drop_timings, small_scot, uncached_backbone, use_small_models
 from scot_ot.data import sample_pair
 from scot_ot.datasets import load_pairs
 from scot_ot.evaluation.disk_cache import DiskCache
@@ -61,12 +61,11 @@ def _eval(*extra):
 
 def _entries(rec: dict) -> list:
     """Per-pair entries without their timings."""
-    return [{**p, "results": {s: {k: v for k, v in r.items() if k != "ot_time_s"} for s, r in p["results"].items()}}
-            for p in rec["pairs"]]
+    return drop_timings(rec["pairs"])
 
 
 def _summary(rec: dict) -> dict:
-    return {s: {k: v for k, v in e.items() if k != "mean_ot_time_s"} for s, e in rec["solvers"].items()}
+    return drop_timings(rec["solvers"])
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ the same key and a retrained file is not), the hyperpixel layers, the image side
 CAM settings (on/off, scales, top-k, maximum area), the device type (CPU and GPU
 convolutions round differently), the versions of scot_ot and torch, and the file
 format. Change any of them and the key changes: the old files are never read for the
-new setting. A renamed or copied image keeps its key (its bytes are the same).
+new setting. With mask marginals (``--marginals mask``) the image file's digest is
+followed by its mask file's, so the stored weights follow the mask. A renamed or copied image keeps its key (its bytes are the same).
 
 Files are written with :func:`torch.save` to a temporary file and renamed into place
 (:func:`scot_ot.outputs.atomic_write`), so several processes (torchrun ranks, array
@@ -77,8 +78,9 @@ class DiskCache:
     recomputed), ``write_failed`` (whether the folder turned out not to be writable).
     """
 
-    def __init__(self, folder, model):
+    def __init__(self, folder, model, mask_file=None):
         self.folder = Path(folder)
+        self.mask_file = mask_file  # image path -> its mask file, when masks replace the CAM
         self.settings = feature_settings(model)
         self.settings_sha256 = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()
         self.device = model.device
@@ -89,7 +91,9 @@ class DiskCache:
         """The key of an image file; None if the file cannot be read (extraction then reports why)."""
         try:
             content = file_digest(image_path)
-        except OSError:
+            if self.mask_file is not None:
+                content += file_digest(self.mask_file(image_path))
+        except (OSError, ValueError):  # ValueError: no mask (MaskError), reported by the extraction
             return None
         return hashlib.sha256(f"{content}\0{self.settings_sha256}".encode()).hexdigest()
 

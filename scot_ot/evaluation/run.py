@@ -24,13 +24,14 @@ checking that it is a results file made with the same configuration.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -54,10 +55,16 @@ class FeatureCache:
     ``disk``: a :class:`~scot_ot.evaluation.disk_cache.DiskCache`; an image not in
     memory is read from it when there (not ``extracted``), and stored in it after an
     extraction. Its counters join :meth:`counters`.
+
+    ``mask_for``: ``image path -> (H, W) foreground`` for SCOT's mask ("FCN")
+    marginals: each image's map replaces its CAM (images then go through the
+    backbone one by one). Its :class:`~scot_ot.datasets.masks.MaskError` is
+    remembered like an unreadable image's.
     """
 
-    def __init__(self, model, capacity: int = 64, batch_size: int = 1, disk=None):
+    def __init__(self, model, capacity: int = 64, batch_size: int = 1, disk=None, mask_for=None):
         self.model, self.capacity, self.batch_size, self.disk = model, capacity, batch_size, disk
+        self.mask_for = mask_for
         self.items: "OrderedDict[str, object]" = OrderedDict()
         self.unused: set = set()  # prefetched, not yet looked up
         self.bad: Dict[str, Exception] = {}
@@ -85,6 +92,7 @@ class FeatureCache:
         return hp
 
     def _extract_one(self, key: str) -> object:
+        from ..datasets.masks import MaskError
         from ..matching.image import ImageError
 
         if self.disk is not None:
@@ -92,8 +100,11 @@ class FeatureCache:
             if hp is not None:
                 return hp
         try:
-            hp = self.model.hyperpixels(key, name="image")
-        except ImageError as e:
+            if self.mask_for is None:
+                hp = self.model.hyperpixels(key, name="image")
+            else:
+                hp = self.model.hyperpixels(key, name="image", mask=self.mask_for(key))
+        except (ImageError, MaskError) as e:
             self.bad[key] = e
             raise
         self.extracted += 1
@@ -105,6 +116,8 @@ class FeatureCache:
         """Extract the uncached ones of ``paths`` (in order, at most ``capacity // 2``) in batches."""
         from ..matching.image import ImageError
 
+        if self.mask_for is not None:
+            return  # one by one, each with its mask
         todo = [k for k in dict.fromkeys(str(p) for p in paths) if k not in self.items and k not in self.bad]
         todo = todo[: max(1, self.capacity // 2)]
         if self.disk is not None:
@@ -284,12 +297,29 @@ def _key(alpha: float) -> str:
     return f"{alpha:g}"
 
 
+#: the per-pair numbers besides the PCK whose means the summary reports (absent ones are skipped)
+MEASURES = ("collision_rate", "effective_target_ratio", "mutual_nn_rate", "background_rate", "unmatched_mass",
+            "ot_time_s", "time_s", "measures_time_s")
+
+
+def _mean(values) -> Optional[float]:
+    """Mean of the finite numbers among ``values`` (None and NaN left out); None when there are none."""
+    xs = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return float(np.mean(xs)) if xs else None
+
+
+def _measure_means(results: Sequence[dict]) -> Dict[str, Optional[float]]:
+    return {m: _mean(r.get(m) for r in results) for m in MEASURES}
+
+
 def summarize(record: dict) -> None:
     """Fill ``record["solvers"]`` from the per-pair results (PCK means, per category, OT time, failures).
 
     Pairs where a solver failed are counted in its ``n_failed`` and left out of its
     means; ``n_pairs`` counts the pairs it solved. With no solved pair its ``pck``
-    values are ``None``.
+    values are ``None``. ``measures`` and ``per_category_measures`` hold the means of
+    :data:`MEASURES` (a pair without a value, e.g. a background rate with no foreground
+    source, is left out of that mean).
     """
     alphas = record["config"]["alphas"]
     record["solvers"] = {}
@@ -311,18 +341,55 @@ def summarize(record: dict) -> None:
                 "pairs_per_category": s.n_pairs_per_category,
                 "mean_ot_time_s": float(np.mean([p["results"][solver]["ot_time_s"] for p in ok])),
                 "mean_n_iters": float(np.mean([p["results"][solver]["n_iters"] for p in ok])),
+                "measures": _measure_means([p["results"][solver] for p in ok]),
+                "per_category_measures": {
+                    c: _measure_means([p["results"][solver] for p in ok if p["category"] == c])
+                    for c in s.per_category},
             })
         record["solvers"][solver] = entry
 
 
 # ------------------------------------------------------------------------ the run
-def _evaluate_pair(models: dict, hs, ht, pair, alphas) -> Dict[str, dict]:
-    """Every solver on one pair; ``FloatingPointError`` -> ``{"failed": reason}``; ``ValueError`` propagates."""
+#: ``--marginals``: CAM weights (SCOT's default), the foreground masks (SCOT's FCN variant), uniform
+MARGINALS = ("cam", "mask", "uniform")
+
+
+def foreground_source(masks=None) -> Callable:
+    """``(pair, hs, ht) -> Foreground`` for the background rate, and its JSON description.
+
+    With ``masks`` (a :class:`~scot_ot.datasets.masks.MaskFolder`) the foreground is the
+    masks' (independent of the CAM); without, the box spanned by each image's keypoints
+    widened by 10 % (:func:`scot_ot.diagnostics.keypoint_foreground`: background inside
+    the box counts as foreground).
+    """
+    from ..diagnostics import keypoint_foreground, mask_foreground
+
+    if masks is None:
+        def from_keypoints(pair, hs, ht):
+            return keypoint_foreground(hs, ht, pair.src_kps, pair.trg_kps, margin=0.1)
+
+        return from_keypoints, {"source": "keypoint-box", "margin": 0.1}
+
+    def from_masks(pair, hs, ht):
+        return mask_foreground(hs, ht, masks.load_for_image(pair.src_path), masks.load_for_image(pair.trg_path))
+
+    return from_masks, {"source": "masks", "dir": str(masks.root.resolve()), "threshold": 0.5}
+
+
+def _evaluate_pair(models: dict, hs, ht, pair, alphas, foreground: Callable) -> Dict[str, dict]:
+    """Every solver on one pair; ``FloatingPointError`` -> ``{"failed": reason}``; ``ValueError`` propagates.
+
+    Each result holds the PCK, the times (``ot_time_s``; ``time_s`` = cost + OT + RHM;
+    ``measures_time_s``, what the measures took), the iterations, the marginal error and
+    :func:`scot_ot.diagnostics.pair_measures` with ``foreground(pair, hs, ht)``.
+    """
+    from ..diagnostics import pair_measures
     from ..matching.scot import check_keypoints
 
     sx, sy = hs.scale
     W, H = hs.size  # the bound Correspondence.transfer checks, before any solver runs
     check_keypoints(pair.src_kps, (W + 1) / sx, (H + 1) / sy)
+    fg = foreground(pair, hs, ht)  # MaskError (a ValueError): the pair is skipped
     results = {}
     for s, m in models.items():
         try:
@@ -336,18 +403,58 @@ def _evaluate_pair(models: dict, hs, ht, pair, alphas) -> Dict[str, dict]:
             results[s] = {"failed": "FloatingPointError: transferred keypoints are not finite"}
             continue
         pck = pck_per_pair(pred, pair.trg_kps, pair.pck_threshold(), alphas)
+        t = time.perf_counter()
+        measures = pair_measures(corr, fg)
         results[s] = {"pck": {_key(a): v for a, v in pck.items()},
-                      "ot_time_s": corr.timings["ot"], "n_iters": corr.ot.n_iters,
-                      "marginal_error": corr.ot.error}
+                      "ot_time_s": corr.timings["ot"], "time_s": sum(corr.timings.values()),
+                      "n_iters": corr.ot.n_iters, "marginal_error": corr.ot.error, **measures,
+                      "measures_time_s": time.perf_counter() - t}
     return results
+
+
+def run_config(config: Optional[dict], solvers: Sequence[str], alphas: Sequence[float], marginals: str,
+               masks=None) -> dict:
+    """The configuration :func:`evaluate` records (``--resume`` compares it key by key)."""
+    return {**(config or {}), "marginals": marginals,
+            "masks": None if masks is None else str(masks.root.resolve()),
+            "solvers": list(solvers), "alphas": [float(a) for a in alphas]}
+
+
+def with_marginals(model, marginals: str, masks=None) -> Tuple[object, Optional[Callable]]:
+    """``model`` set up for ``marginals`` (see :data:`MARGINALS`), and the cache's ``mask_for``.
+
+    ``"cam"`` and ``"mask"`` need what they read: a model with the CAM on (``use_cam``),
+    a :class:`~scot_ot.datasets.masks.MaskFolder`. ``"uniform"`` and ``"mask"`` switch the
+    CAM off in a copy of the model (same backbone), so it is not computed for nothing.
+    """
+    if marginals not in MARGINALS:
+        raise ValueError(f"--marginals: expected one of {', '.join(MARGINALS)}, got {marginals!r}")
+    if marginals == "mask" and masks is None:
+        raise ValueError("--marginals mask: needs the masks; give --masks DIR")
+    if marginals == "cam":
+        if not model.extractor.use_cam:
+            raise ValueError("--marginals cam: this model was built with use_cam=False")
+        return model, None
+    other = copy.copy(model)
+    other.extractor = copy.copy(model.extractor)
+    other.extractor.use_cam = False
+    return other, (masks.load_for_image if marginals == "mask" else None)
 
 
 def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path] = None,
              alphas: Sequence[float] = DEFAULT_ALPHAS, resume: bool = False, config: Optional[dict] = None,
              progress: bool = True, save_every: int = 1, skipped: Sequence = (),
              cache_size: int = 64, batch_size: Optional[int] = None, strict: bool = False,
-             cache_dir: Optional[Path] = None, shard: Optional[dict] = None) -> dict:
+             cache_dir: Optional[Path] = None, shard: Optional[dict] = None, masks=None,
+             marginals: str = "cam") -> dict:
     """Evaluate ``model`` with each of ``solvers`` on ``pairs``; returns the JSON record.
+
+    Every pair's result per solver holds its PCK, times and failure measures (see
+    :func:`_evaluate_pair`); ``record["solvers"]`` their means, overall and per category.
+    ``masks``: a :class:`~scot_ot.datasets.masks.MaskFolder`; the background rate then
+    uses its foreground (else the keypoint box; ``record["foreground"]`` says which),
+    and an image without a mask skips its pairs. ``marginals``: one of
+    :data:`MARGINALS` (:func:`with_marginals`).
 
     ``solvers`` are specs for :func:`parse_solver_spec` (results are keyed by the
     spec), all checked before any image is read. ``model`` is a :class:`scot_ot.SCOT`;
@@ -377,6 +484,8 @@ def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path]
     solvers = list(solvers)
     if not solvers:
         raise ValueError("solvers: give at least one solver")
+    model, mask_for = with_marginals(model, marginals, masks)
+    foreground, foreground_info = foreground_source(masks)
     dup = sorted({s for s in solvers if solvers.count(s) > 1})
     if dup:
         raise ValueError(f"--solver: repeated solver spec(s) {', '.join(dup)}")
@@ -394,8 +503,8 @@ def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path]
     if not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every: must be an integer >= 1, got {save_every!r}")
 
-    config = {**(config or {}), "solvers": solvers, "alphas": [float(a) for a in alphas]}
-    record = {"config": config, "versions": versions(), "machine": platform.machine(),
+    config = run_config(config, solvers, alphas, marginals, masks)
+    record = {"config": config, "foreground": foreground_info, "versions": versions(), "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n_pairs_total": len(pairs),
               "skipped": [str(s) for s in skipped], "pairs": [], "complete": False}
     if shard is not None:
@@ -418,8 +527,8 @@ def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path]
     if cache_dir is not None:
         from .disk_cache import DiskCache
 
-        disk = DiskCache(cache_dir, model)
-    cache = FeatureCache(model, capacity=cache_size, batch_size=batch_size, disk=disk)
+        disk = DiskCache(cache_dir, model, mask_file=None if mask_for is None else masks.path_for)
+    cache = FeatureCache(model, capacity=cache_size, batch_size=batch_size, disk=disk, mask_for=mask_for)
     lookahead = 4 * batch_size  # pairs whose images a prefetch may extract
     t_start, n_new, n_unsaved = time.perf_counter(), 0, 0
     bar = tqdm(todo, desc="pairs", unit="pair", disable=not progress)
@@ -436,8 +545,8 @@ def evaluate(model, pairs: Sequence, solvers: Sequence[str], out: Optional[Path]
                 cache.prefetch([p for q in todo[i:i + lookahead] for p in (q.src_path, q.trg_path)])
             try:
                 hs, ht = cache.get(pair.src_path), cache.get(pair.trg_path)
-                results = _evaluate_pair(models, hs, ht, pair, alphas)
-            except ValueError as e:  # ImageError (cannot read, too small) or keypoints outside the image
+                results = _evaluate_pair(models, hs, ht, pair, alphas, foreground)
+            except ValueError as e:  # ImageError, MaskError (no mask) or keypoints outside the image
                 skip(pair, str(e))
                 continue
             record["pairs"].append({"pair_id": pair.pair_id, "category": pair.category, "results": results})
@@ -476,31 +585,53 @@ def _pct(v: Optional[float], width: int = 8) -> str:
     return f"{100 * v:{width}.1f}" if v is not None else f"{'-':>{width}}"
 
 
+#: the measures the printed table shows, with their column titles
+_TABLE_MEASURES = (("collision_rate", "coll"), ("effective_target_ratio", "eff/N"),
+                   ("mutual_nn_rate", "mutual"), ("background_rate", "bg"), ("unmatched_mass", "unmatch"))
+
+
+def _measure_cells(values: Optional[dict]) -> str:
+    values = values or {}
+    return "".join(f"  {_pct(values.get(m), max(7, len(t)))}" for m, t in _TABLE_MEASURES)
+
+
 def format_table(record: dict) -> str:
-    """Per-category PCK per solver, then a side-by-side summary (PCK and OT time), and the failures."""
+    """Per solver and category: PCK and the failure measures (in %); then every solver side by side
+    (PCK, measures, OT and total time per pair, iterations), the foreground used, and the failures."""
     alphas = [_key(a) for a in record["config"]["alphas"]]
+    heads = "".join(f"  {t:>{max(7, len(t))}}" for _, t in _TABLE_MEASURES)
     lines: List[str] = []
     for solver, s in record["solvers"].items():
         failed = f", {s['n_failed']} failed" if s.get("n_failed") else ""
         lines.append(f"\n{solver}  ({s['n_pairs']} pairs{failed})")
-        lines.append(f"  {'category':<14}" + "".join(f"  PCK@{a:<5}" for a in alphas) + "  pairs")
+        lines.append(f"  {'category':<14}" + "".join(f"  PCK@{a:<5}" for a in alphas) + heads + "  pairs")
+        per_cat = s.get("per_category_measures", {})
         for cat, v in s["per_category"].items():
             lines.append(f"  {cat:<14}" + "".join(f"  {_pct(v[a])}" for a in alphas)
-                         + f"  {s['pairs_per_category'][cat]:5d}")
-        lines.append(f"  {'all':<14}" + "".join(f"  {_pct(s['pck'][a])}" for a in alphas))
+                         + _measure_cells(per_cat.get(cat)) + f"  {s['pairs_per_category'][cat]:5d}")
+        lines.append(f"  {'all':<14}" + "".join(f"  {_pct(s['pck'][a])}" for a in alphas)
+                     + _measure_cells(s.get("measures")))
         if s.get("n_failed"):
             first = s["first_failure"]
             lines.append(f"  failed on {s['n_failed']} pair(s), left out of the PCK; first: "
                          f"{first['pair_id']}: {first['reason']}")
-    if len(record["solvers"]) > 1:
-        w = max(len("solver"), *(len(name) for name in record["solvers"]))
-        lines.append("\n" + f"{'solver':<{w}}" + "".join(f"  PCK@{a:<5}" for a in alphas)
-                     + "  OT s/pair  iters  failed")
-        for solver, s in record["solvers"].items():
-            t = f"{s['mean_ot_time_s']:9.4f}" if s["mean_ot_time_s"] is not None else f"{'-':>9}"
-            it = f"{s['mean_n_iters']:5.0f}" if s["mean_n_iters"] is not None else f"{'-':>5}"
-            lines.append(f"{solver:<{w}}" + "".join(f"  {_pct(s['pck'][a])}" for a in alphas)
-                         + f"  {t}  {it}  {s.get('n_failed', 0):6d}")
+    w = max(len("solver"), *(len(name) for name in record["solvers"]))
+    lines.append("\n" + f"{'solver':<{w}}" + "".join(f"  PCK@{a:<5}" for a in alphas) + heads
+                 + "  OT s/pair  s/pair  iters  failed")
+    for solver, s in record["solvers"].items():
+        t = f"{s['mean_ot_time_s']:9.4f}" if s["mean_ot_time_s"] is not None else f"{'-':>9}"
+        total = (s.get("measures") or {}).get("time_s")
+        tt = f"{total:6.3f}" if total is not None else f"{'-':>6}"
+        it = f"{s['mean_n_iters']:5.0f}" if s["mean_n_iters"] is not None else f"{'-':>5}"
+        lines.append(f"{solver:<{w}}" + "".join(f"  {_pct(s['pck'][a])}" for a in alphas)
+                     + _measure_cells(s.get("measures")) + f"  {t}  {tt}  {it}  {s.get('n_failed', 0):6d}")
+    fg = record.get("foreground")
+    if fg:
+        where = f"masks in {fg['dir']}" if fg.get("source") == "masks" else \
+            f"the keypoint box (+{fg.get('margin', 0.1):g} of its size; background inside it counts as foreground)"
+        lines.append(f"\ncoll: collision rate; eff/N: effective distinct targets per source; mutual: mutual-NN "
+                     f"rate; bg: foreground sources matched into the background, foreground from {where}; "
+                     "unmatch: unmatched mass (OT solvers)")
     if record.get("pairs_per_s"):
         lines.append(f"\n{record['pairs_per_s']:.2f} pairs/s (features cached per image)")
     return "\n".join(lines)
