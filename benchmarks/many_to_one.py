@@ -150,11 +150,24 @@ def summarize(out_dir: Path) -> dict:
             rows.append(row)
     study = {"benchmark": "many-to-one", "machine": machine("cpu"), "grid": {g: list(v) for g, v in GRID.items()},
              "reference": list(REFERENCE), "foreground": ref.get("foreground"), "rows": rows,
+             "measures_overhead": overhead(records.values()),
              "records": {g: f"{g}.json" for g in records}}
     (out_dir / "many-to-one.json").write_text(json.dumps(study, indent=1))
     plot(rows, out_dir / "many-to-one.png")
     print(table(rows))
+    print("measures / (cost + OT + RHM) time per pair and solver:", study["measures_overhead"])
     return study
+
+
+def overhead(records) -> dict:
+    """What the failure measures add to the evaluation time, per pair and solver: ``measures_time_s`` over
+    the time of everything else done for that pair and solver (cost, OT, RHM: ``time_s``)."""
+    ratios = sorted(r["measures_time_s"] / r["time_s"] for rec in records for p in rec["pairs"]
+                    for r in p["results"].values() if "failed" not in r)
+    if not ratios:
+        return {}
+    return {"n": len(ratios), "mean": sum(ratios) / len(ratios), "median": ratios[len(ratios) // 2],
+            "p95": ratios[int(0.95 * (len(ratios) - 1))], "max": ratios[-1]}
 
 
 def table(rows: List[dict]) -> str:

@@ -3,17 +3,23 @@
 Usage::
 
     python benchmarks/pipeline.py --root ../shared/data/PF-WILLOW-dev [--pairs 20] [--device cuda]
+        [--preset faithful|accurate] [--scot '{"image_side": 400}']
 
 Pairs: every k-th pair of the csv so that ``--pairs`` of them span the split (rule
 fixed in advance). Each pair runs from image files to transferred keypoints with no
 feature cache (what ``scot-ot match`` costs); one warm-up pair is not counted.
 Writes ``benchmarks/results/pipeline-<device>-<date>.json`` and prints a table.
+The record also holds the process's peak resident memory (``ru_maxrss``: model,
+images, features and every (N, M) buffer of the pipeline), so run one configuration
+per process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +46,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--solver", default="pot-sinkhorn")
     p.add_argument("--max-iter", type=int, default=1)
+    p.add_argument("--preset", default="faithful", help="a SCOT.preset name")
+    p.add_argument("--scot", default="{}", help="JSON object of SCOT arguments over the preset")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -47,7 +55,8 @@ def main() -> None:
     all_pairs = list(load_pairs("pf-willow", args.root).pairs)
     step = max(1, len(all_pairs) // args.pairs)
     pairs = all_pairs[::step][: args.pairs]
-    model = SCOT(device=args.device, solver=args.solver, max_iter=args.max_iter)
+    model = SCOT.preset(args.preset, device=args.device, solver=args.solver, max_iter=args.max_iter,
+                        **json.loads(args.scot))
 
     rows = []
     for k, pair in enumerate(tqdm([pairs[0]] + pairs, desc="pairs", unit="pair")):
@@ -74,6 +83,8 @@ def main() -> None:
         "benchmark": "pipeline", "device": str(device), "device_name": name,
         "cpu_count": torch.get_num_threads(), "solver": args.solver, "max_iter": args.max_iter,
         "backbone": model.backbone.name, "layers": list(model.extractor.layers), "image_side": model.image_side,
+        "preset": args.preset, "config": model.config(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "n_pairs": len(rows), "median_s": med, "quartiles_s": q,
         "median_hyperpixels": statistics.median(r["n_src"] for r in rows),
         "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "per_pair": rows,
@@ -85,6 +96,7 @@ def main() -> None:
     print(f"{'stage':<10} {'median s':>9} {'q1':>8} {'q3':>8}")
     for s in STAGES + ("total",):
         print(f"{s:<10} {med[s]:9.3f} {q[s][0]:8.3f} {q[s][2]:8.3f}")
+    print(f"peak memory (RSS) {record['peak_rss_mb']:.0f} MB")
     print(f"wrote {out}")
 
 

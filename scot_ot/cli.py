@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .matching.scot import PRESETS
+
 #: the OT arguments and the flags that set them
 OT_FLAGS = {"eps": "--eps", "max_iter": "--max-iter", "tol": "--tol", "check_every": "--check-every",
             "reg_m": "--reg-m"}
@@ -54,6 +56,9 @@ layer_list.__name__ = "comma-separated layer ids"
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a SCOT model."""
+    p.add_argument("--preset", choices=tuple(PRESETS), default="faithful",
+                   help="a named configuration: faithful (SCOT's official code) or accurate (docs/accuracy.md); "
+                        "the other options change it")
     p.add_argument("--backbone", default="efficientnet-lite0")
     p.add_argument("--layers", type=layer_list, default=None,
                    help="hyperpixel layer ids, comma-separated (default: the backbone's preset)")
@@ -148,9 +153,9 @@ def build_model(args, solver: str):
 
     progress(f"loading the {args.backbone} backbone")
     try:
-        return SCOT(backbone=args.backbone, layers=args.layers, weights=args.weights, device=args.device,
-                    solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
-                    use_cam=args.marginals != "uniform", rhm=not args.no_rhm, exponent=args.exponent)
+        return SCOT.preset(args.preset, backbone=args.backbone, layers=args.layers, weights=args.weights,
+                           device=args.device, solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
+                           use_cam=args.marginals != "uniform", rhm=not args.no_rhm, exponent=args.exponent)
     except (CheckpointError, WeightsNotFoundError) as e:
         raise ValueError(f"--weights: {e}" if args.weights else str(e)) from None
     except ValueError as e:
@@ -158,6 +163,15 @@ def build_model(args, solver: str):
         if "layer ids" in msg:
             raise ValueError(f"--layers: {msg}") from None
         raise ValueError(_as_flag(msg)) from None
+
+
+def model_config(model) -> dict:
+    """What a command records of its model: the preset and the full configuration, less the solver
+    (each ``--solver`` spec says its own) and ``use_cam`` (``marginals`` says it)."""
+    cfg = model.config()
+    for key in ("solver", "use_cam"):
+        cfg.pop(key, None)
+    return cfg
 
 
 def read_keypoints(path: str, flag: str = "--keypoints") -> torch.Tensor:
@@ -365,9 +379,7 @@ def cmd_eval(args) -> int:
             torch.set_num_threads(threads)
     model = build_model(args, specs[0][1])
     config = {"dataset": args.dataset, "root": str(Path(args.root).resolve()), "split": args.split,
-              "every": args.every, "limit": args.limit,
-              "backbone": args.backbone, "layers": list(model.extractor.layers), "eps": args.eps,
-              "max_iter": args.max_iter, "tol": args.tol, "rhm": not args.no_rhm, "exponent": args.exponent}
+              "every": args.every, "limit": args.limit, **model_config(model)}
     if levels:
         config["shard"] = [list(lv) for lv in levels]
     if args.resume and part != out and not part.is_file() and out.is_file():
@@ -627,10 +639,7 @@ def cmd_diagnose(args) -> int:
             reasons = "; ".join(f"{s}: {table[s]['failed']}" for s in failed)
             raise FloatingPointError(f"every solver failed, nothing written: {reasons}")
         record = {"src": str(args.src), "trg": str(args.trg), "foreground": fg.describe(),
-                  "config": {"backbone": args.backbone, "layers": list(model.extractor.layers),
-                             "eps": args.eps, "max_iter": args.max_iter, "tol": args.tol,
-                             "marginals": args.marginals, "rhm": not args.no_rhm,
-                             "exponent": args.exponent},
+                  "config": {**model_config(model), "marginals": args.marginals},
                   "versions": versions(), "solvers": table, "n_failed": len(failed)}
         write_json(record, stage / "diagnostics.json")
         out.mkdir(parents=True, exist_ok=True)

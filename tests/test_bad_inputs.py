@@ -101,6 +101,7 @@ def d(tmp_path_factory) -> Path:
     (d / "kps.json").write_text(json.dumps(pair.src_kps[:3].tolist()))
     (d / "far.json").write_text("[[5000, 10]]")
     (d / "notadir").write_text("a file where a folder is expected\n")
+    (d / "empty-masks").mkdir()  # a masks folder that holds no mask
     (d / "resume-list.json").write_text("[]")
     (d / "resume-no-pairs.json").write_text(json.dumps({"config": {"solvers": ["pot-sinkhorn"],
                                                                    "alphas": [0.05, 0.1, 0.15]}}))
@@ -290,6 +291,22 @@ CLI_CASES = [
             ("whole.json", "not a shard")),
     CliCase("merge-not-results", "merge {d}/resume-list.json --out {tmp}/all.json",
             ("FILE", "resume-list.json", "not a scot-ot eval results file")),
+    # masks, marginals and the failure gallery (issue 13)
+    CliCase("masks-no-folder", _NOWHERE + " --masks {d}/nomasks", ("--masks", "nomasks", "no such folder")),
+    CliCase("marginals-mask-without-masks", _NOWHERE + " --marginals mask", ("--marginals mask", "--masks")),
+    CliCase("marginals-mask-match", "match {trg} {trg} --marginals mask --out {tmp}/m.png",
+            ("--marginals mask", "eval --masks DIR")),
+    CliCase("diagnose-mask-missing", "diagnose {trg} {trg} --masks {d}/absent.png {d}/absent.png --out {tmp}/diag",
+            ("--masks", "absent.png", "no such file")),
+    CliCase("eval-no-mask-for-any-image", _W + " --masks {d}/empty-masks --out {tmp}/r.json",
+            ("no pair could be evaluated", "no mask for", "empty-masks")),
+    CliCase("gallery-size-zero", _NOWHERE + " --gallery {tmp}/g --gallery-size 0", ("--gallery-size", "0")),
+    CliCase("gallery-compare-unknown", _NOWHERE + " --gallery {tmp}/g --solver pot-sinkhorn --solver similarity "
+            "--gallery-compare pot-sinkhorn pot-emd", ("--gallery-compare", "'pot-emd'", "similarity")),
+    CliCase("gallery-compare-without-gallery", _NOWHERE + " --gallery-compare pot-sinkhorn similarity",
+            ("--gallery-compare", "--gallery DIR")),
+    CliCase("gallery-with-shard", _NOWHERE + " --gallery {tmp}/g --shard 1/2", ("--gallery", "--shard")),
+    CliCase("gallery-is-a-file", _NOWHERE + " --gallery {d}/notadir", ("--gallery", "notadir", "is a file")),
     CliCase("merge-out-is-an-input", "merge {d}/shard-1.json {d}/shard-2.json {d}/shard-3.json "
             "--out {d}/shard-1.json", ("--out", "shard-1.json", "one of the shard files")),
 ]

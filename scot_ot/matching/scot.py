@@ -31,7 +31,7 @@ from ..ot import OTResult, get_solver, solve
 from .hyperpixels import HyperpixelExtractor, Hyperpixels
 from .image import ImageError, ImageLike, load_image, resize_longest
 from .rhm import regularized_hough_matching
-from .transfer import transfer_keypoints
+from .transfer import TRANSFER_RULES, soft_offsets, transfer_keypoints
 
 #: the smallest image side (after resizing) the stride-32 backbones accept
 MIN_SIDE = 32
@@ -61,6 +61,11 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
         raise ValueError(f"keypoints: outside the source image of size {width:.0f} x {height:.0f} (W x H)")
     return kps
 
+
+#: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
+PRESETS: Dict[str, Dict[str, object]] = {
+    "faithful": {},  # SCOT's official code (docs/fidelity.md)
+}
 
 #: arguments every solver takes; the rest are each solver's own ``options``
 COMMON_OT_ARGS = ("eps", "max_iter", "tol", "check_every", "reg_m")
@@ -119,7 +124,8 @@ class Correspondence:
     ``plan`` (N, M) is the OT plan; ``scores`` (N, M) the post-processed and
     RHM-rescored plan; ``matches`` (N,) the best target hyperpixel of each source
     hyperpixel and ``confidences`` (N,) its score. Coordinates of boxes/centres are
-    in resized pixels; :meth:`transfer` works in original pixels.
+    in resized pixels; :meth:`transfer` works in original pixels, with the keypoint
+    transfer rule ``transfer_rule`` (one of :data:`.transfer.TRANSFER_RULES`).
     """
 
     src: Hyperpixels
@@ -130,6 +136,7 @@ class Correspondence:
     confidences: torch.Tensor
     ot: OTResult
     timings: Dict[str, float] = field(default_factory=dict)
+    transfer_rule: str = "scot"
 
     def transfer(self, keypoints) -> torch.Tensor:
         """Map (K, 2) xy keypoints of the original source image to the original target image.
@@ -146,8 +153,14 @@ class Correspondence:
         kps = check_keypoints(keypoints, (W + 1) / sx, (H + 1) / sy)
         src_scale = torch.tensor(self.src.scale, dtype=torch.float32)  # (2,) = (r_s, r_s)
         trg_scale = torch.tensor(self.trg.scale, dtype=torch.float32)  # (2,) = (r_t, r_t)
-        moved = transfer_keypoints(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(),
-                                   self.matches.cpu())  # (K, 2), resized target pixels
+        matches = self.matches.cpu()
+        weights = offsets = None
+        if self.transfer_rule in ("weighted", "soft"):
+            weights = self.confidences.detach().cpu()
+        if self.transfer_rule == "soft":
+            offsets = soft_offsets(self.scores.detach().cpu(), matches, self.trg.centres.cpu(), self.trg.grid)
+        moved = transfer_keypoints(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(), matches,
+                                   weights, offsets)  # (K, 2), resized target pixels
         return moved / trg_scale
 
 
@@ -166,6 +179,13 @@ class SCOT:
     rhm : apply regularised Hough matching.
     exponent : scores are ``(N_s * P)_+ ** exponent`` (0.5 PF-PASCAL/WILLOW, 1 SPair).
     image_side : longest image side after resizing.
+    transfer : keypoint transfer rule, one of :data:`.transfer.TRANSFER_RULES`
+        (``"scot"``: SCOT's equal votes).
+    bidirectional : also match target to source and keep the geometric mean of both
+        directions' scores (:meth:`match_hyperpixels`).
+
+    The defaults reproduce SCOT's official code; :meth:`preset` builds the named
+    configurations of :data:`PRESETS`.
     """
 
     def __init__(
@@ -185,6 +205,8 @@ class SCOT:
         rhm: bool = True,
         exponent: float = 0.5,
         image_side: int = 300,
+        transfer: str = "scot",
+        bidirectional: bool = False,
     ):
         from ..features import get_backbone
 
@@ -195,6 +217,10 @@ class SCOT:
             raise ValueError(f"exponent: must be a finite number > 0, got {exponent!r}")
         if not isinstance(image_side, int) or isinstance(image_side, bool) or image_side < MIN_SIDE:
             raise ValueError(f"image_side: must be an integer >= {MIN_SIDE}, got {image_side!r}")
+        if transfer not in TRANSFER_RULES:
+            raise ValueError(f"transfer: expected one of {', '.join(TRANSFER_RULES)}, got {transfer!r}")
+        if not isinstance(bidirectional, bool):
+            raise ValueError(f"bidirectional: expected True or False, got {bidirectional!r}")
         self.device = check_device(device)
         self.backbone = get_backbone(backbone, weights=weights, device=self.device)
         if layers is not None:
@@ -206,6 +232,35 @@ class SCOT:
         self.rhm = rhm
         self.exponent = exponent
         self.image_side = image_side
+        self.transfer = transfer
+        self.bidirectional = bidirectional
+        self.preset_name: Optional[str] = None
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SCOT":
+        """The configuration :data:`PRESETS` names, with ``overrides`` (any constructor argument) on top.
+
+        ``"faithful"`` is SCOT's official code (the constructor's defaults); ``"accurate"``
+        the configuration docs/accuracy.md selected. ValueError for an unknown name.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"preset: unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        import inspect
+
+        defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        base = {**defaults, **PRESETS[name]}
+        model = cls(**{**PRESETS[name], **overrides})
+        changed = sorted(k for k, v in overrides.items() if k != "device" and base.get(k) != v)
+        model.preset_name = name if not changed else f"{name} (with {', '.join(changed)} changed)"
+        return model
+
+    def config(self) -> Dict[str, object]:
+        """Everything that decides this model's output, JSON-ready (recorded by ``scot-ot eval``)."""
+        return {"preset": self.preset_name, "backbone": self.backbone.name, "layers": list(self.extractor.layers),
+                "image_side": self.image_side, "use_cam": self.extractor.use_cam, **self.ot_args,
+                "rhm": self.rhm, "exponent": self.exponent, "transfer": self.transfer,
+                "bidirectional": self.bidirectional}
 
     def with_solver(self, solver: str, **ot_args) -> "SCOT":
         """A copy that shares this model's backbone and features but solves OT differently.
@@ -267,25 +322,43 @@ class SCOT:
         return out
 
     def match_hyperpixels(self, src: Hyperpixels, trg: Hyperpixels) -> Correspondence:
-        """OT + post-processing + RHM on two images' hyperpixels."""
-        timings = {}
+        """OT + post-processing + RHM on two images' hyperpixels (both ways when ``bidirectional``).
+
+        Bidirectional: the target-to-source problem (cost :math:`C^\\top`, marginals
+        swapped) gets its own OT and RHM, and the scores are the geometric mean
+        :math:`\\sqrt{S^{s \\to t}_{ij} \\, S^{t \\to s}_{ji}}`: a match both directions
+        agree on keeps its score, one that only one direction favours loses it. ``plan``
+        and ``ot`` are the source-to-target ones; the timings add both directions.
+        """
+        timings = {"cost": 0.0, "ot": 0.0, "rhm": 0.0}
+        plan, scores, res = self.one_way(src, trg, timings)
+        if self.bidirectional:
+            _, back, _ = self.one_way(trg, src, timings)
+            t = time.perf_counter()
+            scores = scores.mul_(back.T).sqrt_()  # (N, M)
+            timings["rhm"] += time.perf_counter() - t
+        confidences, matches = scores.max(dim=1)
+        return Correspondence(src, trg, plan, scores, matches, confidences, res, timings, self.transfer)
+
+    def one_way(self, src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]
+                 ) -> Tuple[torch.Tensor, torch.Tensor, OTResult]:
+        """SCOT's steps 3-5 from ``src`` to ``trg``: the plan, the RHM scores (N, M) and the OT result."""
         t = time.perf_counter()
         C = cosine_cost(src.feats, trg.feats)  # (N, M)
-        timings["cost"] = time.perf_counter() - t
+        timings["cost"] += time.perf_counter() - t
         a = src.weights / src.weights.sum()
         b = trg.weights / trg.weights.sum()
         t = time.perf_counter()
         res = solve(C, a.to(C), b.to(C), **self.ot_args)
         plan = res.plan
-        timings["ot"] = time.perf_counter() - t
+        timings["ot"] += time.perf_counter() - t
         t = time.perf_counter()
         scores = (plan * len(src)).clamp_min_(0.0).pow_(self.exponent)  # (N, M), one new buffer
         if self.rhm:
             scores = regularized_hough_matching(scores, src.centres, trg.centres, src.grid, trg.grid,
-                                                    src.size, trg.size)
-        confidences, matches = scores.max(dim=1)
-        timings["rhm"] = time.perf_counter() - t
-        return Correspondence(src, trg, plan, scores, matches, confidences, res, timings)
+                                                src.size, trg.size)
+        timings["rhm"] += time.perf_counter() - t
+        return plan, scores, res
 
     def match(self, src: ImageLike, trg: ImageLike, src_mask=None, trg_mask=None) -> Correspondence:
         """Dense correspondences from ``src`` to ``trg`` (paths, PIL images or tensors)."""
