@@ -191,6 +191,11 @@ def select(out_dir: Path = OUT) -> dict:
                       "held_out_pck": {a: _mean_on(table[name], [held], a) for a in ALPHAS},
                       "in_sample_pck": {a: _mean_on(table[name], train, a) for a in ALPHAS}})
     final = pick(table, cats)
+    for f in folds:  # the pick's held-out score against the preset's (chosen with that subclass) and the best's
+        held = f["held_out"]
+        f["preset_pck_on_held_out"] = {a: _mean_on(table[final], [held], a) for a in ALPHAS}
+        best = max((n for n, c in table.items() if c["eligible"]), key=lambda n: _mean_on(table[n], [held], "0.1"))
+        f["best_eligible_on_held_out"] = {"candidate": best, "pck@0.1": _mean_on(table[best], [held], "0.1")}
     study = {"benchmark": "accuracy", "machine": machine("cpu"), "candidates": CANDIDATES,
              "time_budget_s": TIME_BUDGET_S, "folds": folds, "selected": final,
              "selected_config": CANDIDATES[final], "selected_pck": table[final]["pck"],
@@ -207,8 +212,10 @@ def select(out_dir: Path = OUT) -> dict:
               + f" | {c['median_time_s'] or float('nan'):.2f} | {c['peak_rss_mb'] or float('nan'):.0f} | "
               f"{'yes' if c['eligible'] else 'no'} |")
     for f in folds:
-        print(f"held out {f['held_out']}: picked {f['picked']}, held-out PCK@0.10 {pct(f['held_out_pck']['0.1'])}, "
-              f"in-sample {pct(f['in_sample_pck']['0.1'])}")
+        print(f"held out {f['held_out']}: picked {f['picked']}, held-out PCK@0.10 {pct(f['held_out_pck']['0.1'])} "
+              f"(in-sample on the other three {pct(f['in_sample_pck']['0.1'])}; the final preset on "
+              f"{f['held_out']} {pct(f['preset_pck_on_held_out']['0.1'])}; best eligible there "
+              f"{f['best_eligible_on_held_out']['candidate']} {pct(f['best_eligible_on_held_out']['pck@0.1'])})")
     print(f"selected: {final} {CANDIDATES[final]}: " + " / ".join(pct(table[final]["pck"][a]) for a in ALPHAS))
     return study
 

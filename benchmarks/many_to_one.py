@@ -112,13 +112,19 @@ def _per_pair(record: dict, spec: str, key) -> Dict[str, float]:
     return out
 
 
-def contrast(a: Dict[str, float], b: Dict[str, float], tol: float = 1e-9) -> dict:
-    """Pair-by-pair: on the pairs both have, how often ``a`` is above / below / equal to ``b``."""
-    common = sorted(set(a) & set(b))
-    better = sum(a[k] > b[k] + tol for k in common)
-    worse = sum(a[k] < b[k] - tol for k in common)
+def contrast(a: Dict[str, float], b: Dict[str, float], higher_is_better: bool = True, tol: float = 1e-9) -> dict:
+    """Pair-by-pair: on the pairs both have, how often ``a`` is better / worse than / equal to ``b``,
+    and the two-sided sign test's p-value of better against worse (ties left out)."""
+    common = sorted(k for k in set(a) & set(b) if a[k] is not None and b[k] is not None
+                    and math.isfinite(a[k]) and math.isfinite(b[k]))
+    sign = 1 if higher_is_better else -1
+    better = sum(sign * (a[k] - b[k]) > tol for k in common)
+    worse = sum(sign * (a[k] - b[k]) < -tol for k in common)
+    from scipy.stats import binomtest
+
+    p = binomtest(better, better + worse).pvalue if better + worse else None  # two-sided sign test, ties dropped
     return {"pairs": len(common), "better": better, "worse": worse, "equal": len(common) - better - worse,
-            "mean_difference": _mean([a[k] - b[k] for k in common])}
+            "sign_test_p": p, "mean_difference": _mean([a[k] - b[k] for k in common])}
 
 
 def summarize(out_dir: Path) -> dict:
@@ -127,6 +133,7 @@ def summarize(out_dir: Path) -> dict:
     ref = records[ref_group]
     pck10 = lambda r: r["pck"]["0.1"]  # noqa: E731
     bg = lambda r: r["background_rate"]  # noqa: E731
+    coll = lambda r: r["collision_rate"]  # noqa: E731
     rows = []
     for g, rec in records.items():
         for spec in rec["config"]["solvers"]:
@@ -140,7 +147,10 @@ def summarize(out_dir: Path) -> dict:
                    "mean_n_iters": s["mean_n_iters"], "complete": rec.get("complete", False)}
             if (g, spec) != REFERENCE:
                 row["vs_scot_pck@0.1"] = contrast(_per_pair(rec, spec, pck10), _per_pair(ref, ref_spec, pck10))
-                row["vs_scot_background"] = contrast(_per_pair(rec, spec, bg), _per_pair(ref, ref_spec, bg))
+                row["vs_scot_background"] = contrast(_per_pair(rec, spec, bg), _per_pair(ref, ref_spec, bg),
+                                                     higher_is_better=False)
+                row["vs_scot_collision"] = contrast(_per_pair(rec, spec, coll), _per_pair(ref, ref_spec, coll),
+                                                    higher_is_better=False)
             if len(pairs) < len(ref["pairs"]):  # a subsample: the reference on the same pairs
                 sub = [p for p in ref["pairs"] if p["pair_id"] in pairs]
                 row["scot_on_same_pairs"] = {
@@ -155,56 +165,104 @@ def summarize(out_dir: Path) -> dict:
     (out_dir / "many-to-one.json").write_text(json.dumps(study, indent=1))
     plot(rows, out_dir / "many-to-one.png")
     print(table(rows))
-    print("measures / (cost + OT + RHM) time per pair and solver:", study["measures_overhead"])
+    print()
+    print(subclass_table(rows))
+    print("measures / (cost + OT + RHM) time per pair:", study["measures_overhead"])
     return study
 
 
 def overhead(records) -> dict:
-    """What the failure measures add to the evaluation time, per pair and solver: ``measures_time_s`` over
-    the time of everything else done for that pair and solver (cost, OT, RHM: ``time_s``)."""
-    ratios = sorted(r["measures_time_s"] / r["time_s"] for rec in records for p in rec["pairs"]
-                    for r in p["results"].values() if "failed" not in r)
+    """What the failure measures add to the evaluation time of a pair: per pair and group, the measures'
+    time over the time of everything else measured for the pair (cost, OT and RHM of every solver, ``time_s``).
+    Transfer, PCK and the features are left out of the denominator, so the true share is smaller."""
+    ratios = []
+    for rec in records:
+        for p in rec["pairs"]:
+            ok = [r for r in p["results"].values() if "failed" not in r]
+            if ok:
+                ratios.append(sum(r["measures_time_s"] for r in ok) / sum(r["time_s"] for r in ok))
+    ratios.sort()
     if not ratios:
         return {}
     return {"n": len(ratios), "mean": sum(ratios) / len(ratios), "median": ratios[len(ratios) // 2],
             "p95": ratios[int(0.95 * (len(ratios) - 1))], "max": ratios[-1]}
 
 
+def _vs(c: Optional[dict]) -> str:
+    if not c:
+        return "reference"
+    p = "" if c["sign_test_p"] is None else f" (p {c['sign_test_p']:.2g})"
+    return f"{c['better']}/{c['worse']}/{c['equal']}{p}"
+
+
 def table(rows: List[dict]) -> str:
     pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
     lines = ["| formulation | pairs | PCK@0.05 | PCK@0.10 | PCK@0.15 | collision | eff/N | mutual NN | "
-             "background | unmatched | s/pair (OT) | vs SCOT @0.10 (better/worse/equal) |", "|" + "---|" * 12]
+             "background | unmatched | s/pair (OT) | PCK@0.10 vs SCOT: better/worse/equal | "
+             "background vs SCOT: lower/higher/equal |", "|" + "---|" * 13]
     for r in rows:
-        c = r.get("vs_scot_pck@0.1")
-        vs = f"{c['better']}/{c['worse']}/{c['equal']}" if c else "reference"
         lines.append(f"| {r['label']} | {r['n_pairs']} | {pct(r['pck']['0.05'])} | {pct(r['pck']['0.1'])} | "
                      f"{pct(r['pck']['0.15'])} | {pct(r.get('collision_rate'))} | "
                      f"{pct(r.get('effective_target_ratio'))} | {pct(r.get('mutual_nn_rate'))} | "
                      f"{pct(r.get('background_rate'))} | {pct(r.get('unmatched_mass'))} | "
-                     f"{r['time_s']:.2f} ({r['ot_time_s']:.2f}) | {vs} |")
+                     f"{r['time_s']:.2f} ({r['ot_time_s']:.2f}) | {_vs(r.get('vs_scot_pck@0.1'))} | "
+                     f"{_vs(r.get('vs_scot_background'))} |")
+    return "\n".join(lines)
+
+
+def subclass_table(rows: List[dict]) -> str:
+    """PCK@0.10 and background rate per subclass, one row per formulation."""
+    cats = sorted({c for r in rows for c in r["per_category"]})
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    lines = ["| formulation | " + " | ".join(f"{c} PCK@0.10 / bg" for c in cats) + " |", "|" + "---|" * (1 + len(cats))]
+    for r in rows:
+        cells = []
+        for c in cats:
+            pck = r["per_category"].get(c, {}).get("0.1")
+            bgr = ((r.get("per_category_measures") or {}).get(c) or {}).get("background_rate")
+            cells.append(f"{pct(pck)} / {pct(bgr)}")
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def plot(rows: List[dict], out: Path) -> None:
-    """PCK@0.10 against the background rate and against the collision rate, one point per formulation."""
+    """PCK@0.10 against the background rate and against the collision rate, one numbered point per formulation."""
     from scot_ot.plotting import pyplot, save_figure
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    colours = plt.cm.tab20(range(len(rows)))
     for ax, key, name in ((axes[0], "background_rate", "background rate (FCN foreground)"),
                           (axes[1], "collision_rate", "collision rate")):
-        for r in rows:
+        for k, (r, colour) in enumerate(zip(rows, colours), 1):
             if r.get(key) is None:
                 continue
-            ax.scatter(100 * r[key], 100 * r["pck"]["0.1"], s=30,
-                       marker="*" if (r["group"], r["spec"]) == REFERENCE else "o")
-            ax.annotate(r["label"], (100 * r[key], 100 * r["pck"]["0.1"]), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            ref = (r["group"], r["spec"]) == REFERENCE
+            ax.scatter(100 * r[key], 100 * r["pck"]["0.1"], s=90 if ref else 30, marker="*" if ref else "o",
+                       color=colour, label=f"{k}. {r['label']} ({r['n_pairs']} pairs)" if ax is axes[0] else None)
+            ax.annotate(str(k), (100 * r[key], 100 * r["pck"]["0.1"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
         ax.set_xlabel(f"{name}, %")
         ax.set_ylabel("PCK@0.10, %")
         ax.grid(alpha=0.3)
-    fig.suptitle("PF-WILLOW-dev: accuracy against failure measures (star: SCOT)", fontsize=9)
+    fig.legend(loc="upper center", ncol=3, fontsize=7, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle("PF-WILLOW-dev: accuracy against failure measures (star: SCOT, 1 Sinkhorn iteration)", fontsize=9)
     save_figure(fig, out)
+
+
+def gallery(out_dir: Path, folder: Path, size: int, specs: List[str]) -> Path:
+    """The failure gallery of the main group for ``specs`` (the first is ranked, the first two compared)."""
+    from scot_ot import SCOT
+    from scot_ot.datasets import load_pairs
+    from scot_ot.datasets.masks import MaskFolder
+    from scot_ot.evaluation.gallery import write_gallery
+    from scot_ot.evaluation.run import foreground_source
+
+    rec = json.loads((out_dir / "main.json").read_text())
+    rec["config"]["solvers"] = specs
+    pairs = list(load_pairs("pf-willow", DATA).pairs)
+    return write_gallery(SCOT(), pairs, rec, folder, size=size, compare=tuple(specs[:2]),
+                         foreground=foreground_source(MaskFolder(DATA / "PF-WILLOW-FCN"))[0])
 
 
 def main() -> None:
@@ -213,6 +271,10 @@ def main() -> None:
     p.add_argument("--summarize", action="store_true", help="read the group records, write the study record")
     p.add_argument("--out-dir", default=str(RESULTS / "many-to-one"))
     p.add_argument("--limit", type=int, default=None, help="first N pairs of each group only (smoke test)")
+    p.add_argument("--gallery", metavar="DIR", help="draw the failure gallery of the main group into DIR")
+    p.add_argument("--gallery-size", type=int, default=3)
+    p.add_argument("--gallery-solvers", default="pot-sinkhorn;torch-absorb:max_iter=1000,tol=1e-4;similarity",
+                   help="';'-separated specs of the main group (first: ranked; first two: compared)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1: two workers)")
     args = p.parse_args()
     out_dir = Path(args.out_dir)
@@ -230,6 +292,8 @@ def main() -> None:
             print(f"wrote {run_group(n, out_dir, args.limit)} in {time.perf_counter() - t:.0f} s", flush=True)
     if args.summarize:
         summarize(out_dir)
+    if args.gallery:
+        print(f"wrote {gallery(out_dir, Path(args.gallery), args.gallery_size, args.gallery_solvers.split(';'))}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .evaluation.run import MARGINALS
 from .matching.scot import PRESETS
 
 #: the OT arguments and the flags that set them
@@ -68,7 +69,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-iter", type=int, default=1,
                    help="OT iterations (default 1, SCOT's official setting)")
     p.add_argument("--tol", type=float, default=1e-6)
-    p.add_argument("--marginals", choices=("cam", "mask", "uniform"), default="cam",
+    p.add_argument("--marginals", choices=MARGINALS, default="cam",
                    help="marginal weights: cam (SCOT's default), mask (SCOT's FCN variant: the foreground "
                         "masks of --masks; eval and diagnose), uniform")
     p.add_argument("--no-rhm", action="store_true", help="skip regularised Hough matching")
@@ -452,7 +453,7 @@ def write_eval_gallery(model, pairs, record: dict, folder: Path, args, masks) ->
     cache = FeatureCache(run_model, capacity=8, mask_for=mask_for)
     progress(f"drawing the gallery in {folder}")
     return write_gallery(run_model, pairs, record, folder, size=args.gallery_size, compare=compare,
-                         foreground=foreground_source(masks)[0], features=lambda p: cache.get(p))
+                         foreground=foreground_source(masks)[0], features=cache.get)
 
 
 def _gather_ranks(launch, record: dict, out: Optional[Path], part: Optional[Path], wall_s: float) -> Optional[dict]:

@@ -8,6 +8,7 @@ against the constructor they stand for.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,8 +123,18 @@ def test_faithful_preset_is_the_constructor_and_names_itself():
     json.dumps(model.config())
 
 
+def test_accurate_preset_is_what_the_recorded_study_selected():
+    """The preset in the code and the configuration the committed study record selected are one."""
+    record = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "accuracy" / "accuracy.json"
+    selected = json.loads(record.read_text())["selected_config"]
+    assert set(PRESETS["accurate"]) <= set(selected)  # the preset sets nothing the study did not choose
+    model = SCOT.preset("accurate")
+    assert {k: getattr(model, k) for k in selected} == selected
+    assert model.config()["preset"] == "accurate"
+
+
 def test_unknown_preset_and_bad_arguments_are_named():
-    with pytest.raises(ValueError, match="preset: unknown preset 'fast'; available: faithful"):
+    with pytest.raises(ValueError, match="preset: unknown preset 'fast'; available: faithful, accurate"):
         SCOT.preset("fast")
     with pytest.raises(ValueError, match="transfer: expected one of scot, weighted, soft, got 'mean'"):
         SCOT(transfer="mean")

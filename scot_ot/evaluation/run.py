@@ -354,7 +354,7 @@ def summarize(record: dict) -> None:
 MARGINALS = ("cam", "mask", "uniform")
 
 
-def foreground_source(masks=None) -> Callable:
+def foreground_source(masks=None) -> Tuple[Callable, dict]:
     """``(pair, hs, ht) -> Foreground`` for the background rate, and its JSON description.
 
     With ``masks`` (a :class:`~scot_ot.datasets.masks.MaskFolder`) the foreground is the
@@ -362,6 +362,7 @@ def foreground_source(masks=None) -> Callable:
     widened by 10 % (:func:`scot_ot.diagnostics.keypoint_foreground`: background inside
     the box counts as foreground).
     """
+    from ..datasets.masks import THRESHOLD
     from ..diagnostics import keypoint_foreground, mask_foreground
 
     if masks is None:
@@ -373,7 +374,7 @@ def foreground_source(masks=None) -> Callable:
     def from_masks(pair, hs, ht):
         return mask_foreground(hs, ht, masks.load_for_image(pair.src_path), masks.load_for_image(pair.trg_path))
 
-    return from_masks, {"source": "masks", "dir": str(masks.root.resolve()), "threshold": 0.5}
+    return from_masks, {"source": "masks", "dir": str(masks.root.resolve()), "threshold": THRESHOLD}
 
 
 def _evaluate_pair(models: dict, hs, ht, pair, alphas, foreground: Callable) -> Dict[str, dict]:

@@ -65,6 +65,8 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
 #: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
 PRESETS: Dict[str, Dict[str, object]] = {
     "faithful": {},  # SCOT's official code (docs/fidelity.md)
+    # chosen by the pre-registered study of docs/accuracy.md (benchmarks/results/accuracy/accuracy.json)
+    "accurate": {"image_side": 400, "transfer": "soft"},
 }
 
 #: arguments every solver takes; the rest are each solver's own ``options``
