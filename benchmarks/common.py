@@ -111,3 +111,18 @@ def _fmt(x: object) -> str:
     if isinstance(x, float):
         return f"{x:.3g}"
     return str(x)
+
+
+def random_cosine_cost(n: int, d: int, features: str, noise: float, seed: int, dtype, device: str = "cpu"):
+    """``1 - max(cos, 0)`` between random unit features, (n, n): ``y`` independent of ``x``
+    (``features="iid"``) or a noisy permutation of it (``"matched"``, noise ``noise``)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    if features == "iid":
+        y = torch.randn(n, d, generator=g, dtype=torch.float64)
+    else:
+        y = x[torch.randperm(n, generator=g)] + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
+    y = torch.nn.functional.normalize(y, dim=1)
+    return (1.0 - (x @ y.T).clamp_min(0.0)).to(dtype=dtype, device=device)  # (n, n)

@@ -58,7 +58,7 @@ import time
 import warnings
 from typing import Dict, List
 
-from common import default_out, load_average, machine, spread, table, write_json  # first: puts the checkout on sys.path
+from common import default_out, load_average, machine, random_cosine_cost, spread, table, write_json  # first: puts the checkout on sys.path
 
 import numpy as np
 import torch
@@ -68,19 +68,6 @@ from scot_ot import solve
 FAST = "torch-absorb"
 PER_ITER = ["torch-absorb", "partial", "dustbin", "matrix-scaling", "pot-sinkhorn"]
 CHUNK = 10
-
-
-def cosine_cost(n: int, d: int, features: str, noise: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """``1 - max(cos, 0)`` between random unit features, as ``benchmarks/solvers.py``: ``y``
-    independent of ``x`` (``iid``) or a noisy permutation of it (``matched``), (n, n)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    if features == "iid":
-        y = torch.randn(n, d, generator=g, dtype=torch.float64)
-    else:
-        y = x[torch.randperm(n, generator=g)] + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
-    y = torch.nn.functional.normalize(y, dim=1)
-    return (1.0 - (x @ y.T).clamp_min(0.0)).to(dtype)  # (n, n)
 
 
 def l1(P: torch.Tensor, Q: torch.Tensor) -> float:
@@ -227,7 +214,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dtype = torch.float32
     load_before = load_average()
-    C = cosine_cost(args.n, args.d, args.features, args.noise, args.seed + args.n, dtype)
+    C = random_cosine_cost(args.n, args.d, args.features, args.noise, args.seed + args.n, dtype)
     config = {**vars(args), "dtype": "float32", "device": "cpu", "cost_range": [float(C.min()), float(C.max())],
               "command": "python " + " ".join(["benchmarks/new_solvers.py", *sys.argv[1:]])}
     print(f"n = {args.n}, float32, eps {args.eps}: agreement ...", flush=True)

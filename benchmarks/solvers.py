@@ -70,7 +70,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from common import default_out, load_average, machine, spread, table, write_json  # first: puts the checkout on sys.path
+from common import default_out, load_average, machine, random_cosine_cost, spread, table, write_json  # first: puts the checkout on sys.path
 
 import numpy as np
 import torch
@@ -95,19 +95,6 @@ def default_solvers(device: str) -> List[str]:
     return [s for s in scot_ot.available_solvers()
             if (i := solver_info(s)).family is Family.ENTROPIC and Marginals.BALANCED in i.marginals
             and not i.required_options and i.devices.native(torch.device(device).type)]
-
-
-def cosine_cost(n: int, d: int, features: str, noise: float, seed: int,
-                dtype: torch.dtype, device: str) -> torch.Tensor:
-    """``1 - max(cos, 0)`` between random unit features (see the module docstring), (n, n)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-    if features == "iid":
-        y = torch.randn(n, d, generator=g, dtype=torch.float64)
-    else:
-        y = x[torch.randperm(n, generator=g)] + noise * torch.randn(n, d, generator=g, dtype=torch.float64) / d**0.5
-    y = torch.nn.functional.normalize(y, dim=1)
-    return (1.0 - (x @ y.T).clamp_min(0.0)).to(dtype=dtype, device=device)  # (n, n)
 
 
 def transport_cost(C: torch.Tensor, P: torch.Tensor) -> float:
@@ -221,7 +208,7 @@ def targets(records: List[Dict[str, object]]) -> Dict[str, object]:
 
 
 def bench_size(n: int, solvers: List[str], args, bar) -> List[Dict[str, object]]:
-    C = cosine_cost(n, args.d, args.features, args.noise, args.seed + n, args.dtype, args.device)
+    C = random_cosine_cost(n, args.d, args.features, args.noise, args.seed + n, args.dtype, args.device)
     base = {"n": n, "dtype": str(args.dtype).replace("torch.", ""), "eps": args.eps,
             "device": args.device, "features": args.features,
             "cost_range": [float(C.min()), float(C.max())]}

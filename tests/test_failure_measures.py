@@ -24,6 +24,7 @@ from scot_ot.datasets import load_pairs
 from scot_ot.datasets.masks import MaskError, MaskFolder, read_mask
 from scot_ot.evaluation.disk_cache import DiskCache
 from scot_ot.evaluation.run import evaluate, format_table
+from scot_ot.matching.image import ImageError
 from scot_ot.matching.cam import staircase
 
 WILLOW_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "PF-WILLOW-dev"
@@ -76,6 +77,13 @@ def test_mask_folder_finds_nested_then_flat_and_names_both_places(tmp_path):
     (tmp_path / "cls" / "bad.png").write_text("not a png")
     with pytest.raises(MaskError, match="cannot read .*bad.png as an image"):
         folder.load("/x/cls/bad.jpg", (4, 4))
+
+
+def test_an_unreadable_image_is_an_image_error_not_a_mask_error(tmp_path):
+    Image.fromarray(np.full((4, 4), 255, np.uint8)).save(tmp_path / "broken.png")  # its mask exists
+    (tmp_path / "broken.jpg").write_text("not an image")
+    with pytest.raises(ImageError, match="cannot read .*broken.jpg"):
+        MaskFolder(tmp_path).load_for_image(tmp_path / "broken.jpg")
 
 
 def test_every_dev_image_has_a_mask_at_its_own_size(pairs):

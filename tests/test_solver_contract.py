@@ -41,6 +41,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import scot_ot
+from random_problems import gen, marginal
 from scot_ot.ot import (Compute, Marginals, NumericalError, SolverInfo, Stopping, available_solvers,
                         registered, solver_info, solver_table)
 from scot_ot.ot.problem import COST_DTYPES, working_dtype
@@ -54,15 +55,6 @@ seeds = st.integers(0, 2**32 - 1)
 
 
 # ----------------------------------------------------------------------------- problems and runs
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def marginal(g: torch.Generator, n: int, mass: float = 1.0, dtype=F64) -> torch.Tensor:
-    x = torch.rand(n, generator=g, dtype=F64) + 0.2
-    return (x * (mass / x.sum())).to(dtype)
-
-
 def sizes(g: torch.Generator) -> Tuple[int, int]:
     n, m = torch.randint(2, 9, (2,), generator=g).tolist()
     return n, m

@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import scot_ot
+from random_problems import cosine_cost, gen, marginal
 from scot_ot import NumericalError, solve
 from scot_ot.ot import OTProblem, solver_info
 from scot_ot.ot.iterate import iterate
@@ -38,21 +39,6 @@ LOG_DOMAIN = [s for s in ENTROPIC if solver_info(s).finite_at_any_eps]
 DIFFERENTIABLE = [s for s in ENTROPIC if solver_info(s).differentiable]
 FEW = settings(max_examples=5, deadline=None)
 seeds = st.integers(0, 2**32 - 1)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def cosine_cost(g, n, m, d=8, dtype=F64):
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=F64), dim=1)
-    y = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=F64), dim=1)
-    return (1.0 - (x @ y.T).clamp_min(0.0)).to(dtype)
-
-
-def marginal(g, n, dtype=F64):
-    x = torch.rand(n, generator=g, dtype=F64) + 0.2
-    return (x / x.sum()).to(dtype)
 
 
 # ----------------------------------------------------------------------------- SCOT's start

@@ -27,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 
 import scot_ot
+from random_problems import cosine_cost, gen, marginal
 from scot_ot import solve
 from scot_ot.ot import Family, Marginals, available_solvers, solver_info
 
@@ -56,22 +57,6 @@ sizes = st.integers(1, 24)
 
 
 # ----------------------------------------------------------------------------- helpers
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def cosine_cost(g: torch.Generator, n: int, m: int, d: int = 8, dtype=F64) -> torch.Tensor:
-    """``1 - max(cos, 0)`` between random unit features, in [0, 1] (SCOT's cost)."""
-    x = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=F64), dim=1)
-    y = torch.nn.functional.normalize(torch.randn(m, d, generator=g, dtype=F64), dim=1)
-    return (1.0 - (x @ y.T).clamp_min(0.0)).to(dtype)
-
-
-def marginal(g: torch.Generator, n: int, mass: float = 1.0, dtype=F64) -> torch.Tensor:
-    x = torch.rand(n, generator=g, dtype=F64) + 0.2
-    return (x * (mass / x.sum())).to(dtype)
-
-
 def l1_marginal_error(P, a, b) -> float:
     """``||P1 - a||_1 + ||P^T 1 - b||_1`` by hand, in float64 numpy."""
     P, a, b = (x.double().numpy() for x in (P, a, b))

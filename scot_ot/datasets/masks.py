@@ -65,7 +65,7 @@ def read_mask(path: PathLike, size: Tuple[int, int], name: str = "mask") -> torc
 
 
 class MaskFolder:
-    """The masks under ``root``, looked up by image path (see the module doc), cached by image.
+    """The masks under ``root``, looked up by image path (see the module doc).
 
     ``arg`` names the option that gave the folder in error messages.
     """
@@ -92,15 +92,23 @@ class MaskFolder:
 
     def load(self, image_path: PathLike, size: Tuple[int, int]) -> torch.Tensor:
         """(H, W) bool foreground of ``image_path``, whose original size is ``size`` = (W, H)."""
-        key = f"{image_path}\0{size}"
-        if key not in self._cache:
-            self._cache[key] = read_mask(self.path_for(image_path), size, f"{self.arg} (mask of {image_path})")
-        return self._cache[key]
+        return read_mask(self.path_for(image_path), size, f"{self.arg} (mask of {image_path})")
 
     def load_for_image(self, image_path: PathLike) -> torch.Tensor:
-        """:meth:`load` at the image's own size (read from the image file's header)."""
-        from PIL import Image
+        """:meth:`load` at the image's own size (read from the image file's header), cached by image.
 
-        with Image.open(image_path) as im:
-            size = im.size
-        return self.load(image_path, size)
+        An image that cannot be opened raises :class:`~scot_ot.matching.image.ImageError`, as
+        reading it for its features would."""
+        from PIL import Image, UnidentifiedImageError
+
+        from ..matching.image import ImageError
+
+        key = str(image_path)
+        if key not in self._cache:
+            try:
+                with Image.open(image_path) as im:
+                    size = im.size
+            except (UnidentifiedImageError, OSError) as e:
+                raise ImageError(f"image: cannot read {image_path} ({e})") from None
+            self._cache[key] = self.load(image_path, size)
+        return self._cache[key]

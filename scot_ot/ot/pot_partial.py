@@ -58,10 +58,11 @@ from .iterate import validate_loop_args
 from .memory import emd_bytes
 from .errors import NumericalError
 from .problem import OTProblem, all_finite
-from .registry import (Batching, Compute, Devices, Domain, Dtypes, Family, Marginals, Option, SolverInfo,
+from .registry import (Batching, Compute, Devices, Domain, Dtypes, Family, Marginals, SolverInfo,
                        Stopping, register)
 from .result import OTResult
 from .partial import MASS, check_mass, partial_residual
+from .pot_solvers import NUM_ITER_MAX
 
 
 def _sync(device: torch.device) -> None:
@@ -117,7 +118,7 @@ class PotPartial:
         batching=Batching.LOOP,
         stopping=Stopping.DIRECT,
         finite_at_any_eps=True,  # eps is not used
-        options=(MASS, Option("num_iter_max", "POT's iteration limit of the network simplex (default 1e6)")),
+        options=(MASS, NUM_ITER_MAX),
         memory=emd_bytes,  # a balanced EMD one row and column larger
     )
 

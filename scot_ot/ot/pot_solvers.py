@@ -81,6 +81,9 @@ from .start import check_init, start_potential
 # iteration and never used.
 PotCall = Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
 
+#: the option of the network-simplex solvers (``pot-emd``, ``pot-partial``)
+NUM_ITER_MAX = Option("num_iter_max", "POT's iteration limit of the network simplex (default 1e6)")
+
 
 def _call_sinkhorn(a, b, C, eps, reg_m, n_iter, warm):
     import ot
@@ -311,7 +314,7 @@ class PotEMD:
         batching=Batching.LOOP,
         stopping=Stopping.DIRECT,
         finite_at_any_eps=True,  # eps is not used
-        options=(Option("num_iter_max", "POT's iteration limit of the network simplex (default 1e6)"),),
+        options=(NUM_ITER_MAX,),
         memory=emd_bytes,
     )
 
