@@ -1,20 +1,29 @@
-"""The pre-registered study behind the ``accurate`` preset (docs/accuracy.md).
+"""The pre-registered studies behind the ``accurate`` preset (docs/accuracy.md).
 
-Candidates (fixed here before any run, never tuned on results; see CANDIDATES):
+Round 1 (fixed before any run, never tuned on results; ``CANDIDATES[1]``):
 image side {300, 400} x keypoint transfer {scot, weighted, soft} x bidirectional
 {no, yes}, everything else SCOT's faithful pipeline (EfficientNet-Lite0, CAM
 marginals, one Sinkhorn iteration at eps 0.05, RHM). 480 px is left out because its
 cost and RHM buffers grow with (side / 300)^4: about 6.5 x, past the 2 s per pair
 budget before any gain is known; other backbones need extra packages.
 
-Protocol (``select``):
+Round 2 (fixed after round 1, before any of its runs; ``CANDIDATES[2]``): the
+hyperpixels and the sharpness of the plan. Image side {300, 400} x backbones {Lite0,
+Lite0 + Lite2 ensemble} x hyperpixel norm {joint (SCOT), layer} x Sinkhorn eps
+{0.02, 0.05, 0.1} x transfer {scot, soft} x bidirectional {no, yes at 300 px; no at
+400 px, which broke both budgets in round 1 with Lite0 alone}: 72 candidates. The
+Lite0-joint-eps0.05 candidates repeat round 1's (a check that the pipeline did not
+move). eps changes no work (one iteration either way), so it shares its structure's
+timing.
+
+Protocol (``select``, the same for both rounds):
 
 1. every candidate runs on all 360 PF-WILLOW-dev pairs (per-pair PCK at 0.05 /
    0.10 / 0.15 and the time of each stage);
 2. eligible: median time per pair <= 2.0 s and peak memory <= 4 GB, measured by
    ``benchmarks/pipeline.py`` (image files to keypoints, 20 pairs, 2 threads, one
-   process per image side and direction, nothing else running: ``--timing``); the
-   transfer rule's own time (milliseconds) comes from the study run;
+   process per structure, nothing else running: ``--timing``); the transfer rule's
+   own time (milliseconds) comes from the study run;
 3. the selection rule: among eligible candidates, the highest mean PCK@0.10, ties
    broken by PCK@0.05, then by the lower median time;
 4. leave one subclass out: for each of the 4 subclasses, the rule picks on the
@@ -23,13 +32,18 @@ Protocol (``select``):
 5. the preset is the rule applied to all four subclasses, and its score on all 360
    pairs is reported once.
 
-Run (one worker per image side, then the timings alone, then the selection)::
+Run (one worker per unit, two at a time; then the timings alone; then the selection)::
 
-    python benchmarks/accuracy.py --side 300 &
-    python benchmarks/accuracy.py --side 400 &
-    wait; python benchmarks/accuracy.py --timing --select
+    python benchmarks/accuracy.py --round 1 --side 300 &
+    python benchmarks/accuracy.py --round 1 --side 400 &
+    wait; python benchmarks/accuracy.py --round 1 --timing --select
 
-Records: ``benchmarks/results/accuracy/side-<S>.json`` and ``accuracy.json``.
+    python benchmarks/accuracy.py --round 2 --units        # lists the units
+    python benchmarks/accuracy.py --round 2 --unit side300-lite0-joint   # ... each unit, two at a time
+    python benchmarks/accuracy.py --round 2 --timing --select
+
+Records: round 1 in ``benchmarks/results/accuracy/`` (``side-<S>.json``,
+``pipeline-*.json``, ``accuracy.json``), round 2 in ``benchmarks/results/accuracy/round2/``.
 """
 
 from __future__ import annotations
@@ -39,27 +53,67 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from common import RESULTS, machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "PF-WILLOW-dev"
-OUT = RESULTS / "accuracy"
-SIDES = (300, 400)
-TRANSFERS = ("scot", "weighted", "soft")
-DIRECTIONS = (False, True)
-#: candidate name -> SCOT arguments (everything else: the faithful defaults)
-CANDIDATES: Dict[str, dict] = {
-    f"side{s}-{t}-{'bi' if b else 'uni'}": {"image_side": s, "transfer": t, "bidirectional": b}
-    for s in SIDES for t in TRANSFERS for b in DIRECTIONS
-}
+OUT = {1: RESULTS / "accuracy", 2: RESULTS / "accuracy" / "round2"}
 TIME_BUDGET_S = 2.0
 MEMORY_BUDGET_MB = 4096
 ALPHAS = ("0.05", "0.1", "0.15")
+DIRECTION = {False: "uni", True: "bi"}
+#: round 2's hyperpixel sources: name -> the ``ensemble`` argument (Lite0 is always the first backbone)
+ENSEMBLES = {"lite0": [], "lite0+lite2": ["efficientnet-lite2"]}
+#: round 2's entropic regularisations of the one Sinkhorn iteration (SCOT: 0.05)
+EPS = (0.02, 0.05, 0.1)
 
 
-def run_side(side: int, every: int = 1, out_dir: Path = OUT) -> Path:
-    """Every candidate at ``side`` on PF-WILLOW-dev: features once per image, both directions once per pair."""
+def _round1() -> Dict[str, dict]:
+    return {f"side{s}-{t}-{DIRECTION[b]}": {"image_side": s, "transfer": t, "bidirectional": b}
+            for s in (300, 400) for t in ("scot", "weighted", "soft") for b in (False, True)}
+
+
+def _round2() -> Dict[str, dict]:
+    out = {}
+    for s in (300, 400):
+        for e, names in ENSEMBLES.items():
+            for n in ("joint", "layer"):
+                for eps in EPS:
+                    for t in ("scot", "soft"):
+                        for b in ((False, True) if s == 300 else (False,)):
+                            out[f"side{s}-{e}-{n}-eps{eps}-{t}-{DIRECTION[b]}"] = {
+                                "image_side": s, "ensemble": names, "hyperpixel_norm": n, "eps": eps,
+                                "transfer": t, "bidirectional": b}
+    return out
+
+
+#: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
+CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2()}
+
+
+def unit_of(config: dict) -> str:
+    """What one study run computes once for several candidates: the image side and the hyperpixels."""
+    if "hyperpixel_norm" not in config:
+        return f"side-{config['image_side']}"
+    ens = next(e for e, names in ENSEMBLES.items() if names == list(config["ensemble"]))
+    return f"side{config['image_side']}-{ens}-{config['hyperpixel_norm']}"
+
+
+def structure(config: dict) -> str:
+    """What the pipeline's time and memory depend on: the unit and the directions (not the transfer rule)."""
+    return f"{unit_of(config).replace('side-', 'side')}-{DIRECTION[config['bidirectional']]}"
+
+
+def units(rnd: int) -> Dict[str, List[str]]:
+    out: Dict[str, List[str]] = {}
+    for name, config in CANDIDATES[rnd].items():
+        out.setdefault(unit_of(config), []).append(name)
+    return out
+
+
+def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
+    """Every candidate of ``unit`` on PF-WILLOW-dev: features once per image, each direction once per pair."""
     import torch
     from tqdm.auto import tqdm
 
@@ -68,70 +122,87 @@ def run_side(side: int, every: int = 1, out_dir: Path = OUT) -> Path:
     from scot_ot.evaluation.pck import pck_per_pair
     from scot_ot.matching.scot import Correspondence
 
+    names = units(rnd)[unit]
+    configs = [CANDIDATES[rnd][n] for n in names]
+    base = {k: v for k, v in configs[0].items() if k not in ("transfer", "bidirectional", "eps")}
+    directions = sorted({c["bidirectional"] for c in configs})
+    rules = sorted({c["transfer"] for c in configs})
+    epsilons = sorted({c.get("eps", 0.05) for c in configs})
     pairs = list(load_pairs("pf-willow", DATA).pairs)[::every]
-    model = SCOT(image_side=side)
+    model = SCOT(**base)
     feats: Dict[str, object] = {}
     feat_time: Dict[str, float] = {}
     rows = []
-    for pair in tqdm(pairs, desc=f"side {side}", unit="pair"):
+    for pair in tqdm(pairs, desc=unit, unit="pair"):
         for path in (pair.src_path, pair.trg_path):
             if str(path) not in feats:
                 t = time.perf_counter()
                 feats[str(path)] = model.hyperpixels(path)
                 feat_time[str(path)] = time.perf_counter() - t
         hs, ht = feats[str(pair.src_path)], feats[str(pair.trg_path)]
-        fwd_t = {"cost": 0.0, "ot": 0.0, "rhm": 0.0}
-        plan, fwd, res = model.one_way(hs, ht, fwd_t)
-        bwd_t = {"cost": 0.0, "ot": 0.0, "rhm": 0.0}
-        _, back, _ = model.one_way(ht, hs, bwd_t)
-        t = time.perf_counter()
-        both = (fwd * back.T).sqrt_()
-        combine_s = time.perf_counter() - t
         row = {"pair_id": pair.pair_id, "category": pair.category, "n_src": len(hs), "n_trg": len(ht),
-               "match_s": {"uni": sum(fwd_t.values()), "bi": sum(fwd_t.values()) + sum(bwd_t.values()) + combine_s},
-               "results": {}}
-        for bi, scores in ((False, fwd), (True, both)):
-            conf, matches = scores.max(dim=1)
-            for rule in TRANSFERS:
-                corr = Correspondence(hs, ht, plan, scores, matches, conf, res, {}, rule)
+               "match_s": {}, "results": {}}
+        cost_t = {"cost": 0.0}
+        C = model.cost(hs, ht, cost_t)  # (N, M), shared by every eps and both directions
+        for eps in epsilons:
+            solver = model.with_solver("pot-sinkhorn", eps=eps)
+            fwd_t = {"cost": cost_t["cost"], "ot": 0.0, "rhm": 0.0}
+            plan, fwd, res = solver.transport(C, hs, ht, fwd_t)
+            scores = {False: fwd}
+            match_s = {"uni": sum(fwd_t.values())}
+            if True in directions:
+                bwd_t = {"cost": 0.0, "ot": 0.0, "rhm": 0.0}
+                _, back, _ = solver.transport(C.T, ht, hs, bwd_t)
                 t = time.perf_counter()
-                pred = corr.transfer(pair.src_kps).numpy()
-                transfer_s = time.perf_counter() - t
-                pck = pck_per_pair(pred, pair.trg_kps, pair.pck_threshold(), [float(a) for a in ALPHAS])
-                name = f"side{side}-{rule}-{'bi' if bi else 'uni'}"
-                row["results"][name] = {"pck": {a: pck[float(a)] for a in ALPHAS}, "transfer_s": transfer_s}
+                scores[True] = (fwd * back.T).sqrt_()
+                match_s["bi"] = match_s["uni"] + sum(bwd_t.values()) + time.perf_counter() - t
+                del back
+            row["match_s"][str(eps)] = match_s
+            for bi in directions:
+                conf, matches = scores[bi].max(dim=1)
+                for rule in rules:
+                    name = next((n for n, c in zip(names, configs) if c["bidirectional"] == bi
+                                 and c["transfer"] == rule and c.get("eps", 0.05) == eps), None)
+                    if name is None:
+                        continue
+                    corr = Correspondence(hs, ht, plan, scores[bi], matches, conf, res, {}, rule)
+                    t = time.perf_counter()
+                    pred = corr.transfer(pair.src_kps).numpy()
+                    transfer_s = time.perf_counter() - t
+                    pck = pck_per_pair(pred, pair.trg_kps, pair.pck_threshold(), [float(a) for a in ALPHAS])
+                    row["results"][name] = {"pck": {a: pck[float(a)] for a in ALPHAS}, "transfer_s": transfer_s}
+            del plan, fwd, scores
         rows.append(row)
-        del plan, fwd, back, both
-    record = {"benchmark": "accuracy", "side": side, "machine": machine("cpu"), "every": every,
-              "torch_threads": torch.get_num_threads(), "feature_s_per_image": feat_time,
+        del C
+    record = {"benchmark": "accuracy", "round": rnd, "unit": unit, "config": base, "machine": machine("cpu"),
+              "every": every, "torch_threads": torch.get_num_threads(), "feature_s_per_image": feat_time,
               "mean_feature_s": statistics.mean(feat_time.values()), "pairs": rows}
+    out_dir = out_dir or OUT[rnd]
     out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"side-{side}.json"
+    out = out_dir / f"{unit}.json"
     out.write_text(json.dumps(record, indent=1))
     return out
 
 
-def structure(config: dict) -> str:
-    """What the pipeline's time and memory depend on: the side and the directions (not the transfer rule)."""
-    return f"side{config['image_side']}-{'bi' if config['bidirectional'] else 'uni'}"
-
-
-def run_timing(out_dir: Path = OUT, pairs: int = 20) -> None:
+def run_timing(rnd: int, out_dir: Path, pairs: int = 20) -> None:
     """``benchmarks/pipeline.py`` once per structure, each in its own process (peak memory per process)."""
     import subprocess
     import sys
 
     here = Path(__file__).resolve().parent
-    for side in SIDES:
-        for bi in DIRECTIONS:
-            name = structure({"image_side": side, "bidirectional": bi})
-            subprocess.run([sys.executable, str(here / "pipeline.py"), "--root", str(DATA), "--pairs", str(pairs),
-                            "--scot", json.dumps({"image_side": side, "bidirectional": bi}),
-                            "--out", str(out_dir / f"pipeline-{name}.json")], check=True)
+    done = set()
+    for config in CANDIDATES[rnd].values():
+        name = structure(config)
+        if name in done:
+            continue
+        done.add(name)
+        scot = {k: v for k, v in config.items() if k not in ("transfer", "eps")}  # eps: same work
+        subprocess.run([sys.executable, str(here / "pipeline.py"), "--root", str(DATA), "--pairs", str(pairs),
+                        "--scot", json.dumps(scot), "--out", str(out_dir / f"pipeline-{name}.json")], check=True)
 
 
 # --------------------------------------------------------------------------- selection
-def candidate_table(records: List[dict], timings: Dict[str, dict]) -> Dict[str, dict]:
+def candidate_table(rnd: int, records: List[dict], timings: Dict[str, dict]) -> Dict[str, dict]:
     """Per candidate: per-pair PCK, means, per-subclass means, time per pair and peak memory, eligibility.
 
     Time: the structure's median pipeline time with SCOT's transfer replaced by the
@@ -141,7 +212,7 @@ def candidate_table(records: List[dict], timings: Dict[str, dict]) -> Dict[str, 
     for rec in records:
         for row in rec["pairs"]:
             for name, r in row["results"].items():
-                c = out.setdefault(name, {"config": CANDIDATES[name], "pairs": {}, "transfer_s": []})
+                c = out.setdefault(name, {"config": CANDIDATES[rnd][name], "pairs": {}, "transfer_s": []})
                 c["pairs"][row["pair_id"]] = {"category": row["category"], "pck": r["pck"]}
                 c["transfer_s"].append(r["transfer_s"])
     scot_transfer = {}
@@ -175,13 +246,16 @@ def pick(table: Dict[str, dict], categories) -> str:
                                         _mean_on(table[n], categories, "0.05"), -table[n]["median_time_s"]))
 
 
-def select(out_dir: Path = OUT) -> dict:
-    records = [json.loads((out_dir / f"side-{s}.json").read_text()) for s in SIDES
-               if (out_dir / f"side-{s}.json").is_file()]
-    timings = {}
-    for f in out_dir.glob("pipeline-side*.json"):
-        timings[f.stem.removeprefix("pipeline-")] = json.loads(f.read_text())
-    table = candidate_table(records, timings)
+def load_records(rnd: int, out_dir: Path) -> Tuple[List[dict], Dict[str, dict]]:
+    """The study runs of round ``rnd`` and its pipeline timings, by structure."""
+    records = [json.loads((out_dir / f"{u}.json").read_text()) for u in units(rnd)
+               if (out_dir / f"{u}.json").is_file()]
+    timings = {f.stem.removeprefix("pipeline-"): json.loads(f.read_text()) for f in out_dir.glob("pipeline-*.json")}
+    return records, timings
+
+
+def select(rnd: int, out_dir: Path) -> dict:
+    table = candidate_table(rnd, *load_records(rnd, out_dir))
     cats = sorted({p["category"] for c in table.values() for p in c["pairs"].values()})
     folds = []
     for held in cats:
@@ -196,9 +270,9 @@ def select(out_dir: Path = OUT) -> dict:
         f["preset_pck_on_held_out"] = {a: _mean_on(table[final], [held], a) for a in ALPHAS}
         best = max((n for n, c in table.items() if c["eligible"]), key=lambda n: _mean_on(table[n], [held], "0.1"))
         f["best_eligible_on_held_out"] = {"candidate": best, "pck@0.1": _mean_on(table[best], [held], "0.1")}
-    study = {"benchmark": "accuracy", "machine": machine("cpu"), "candidates": CANDIDATES,
+    study = {"benchmark": "accuracy", "round": rnd, "machine": machine("cpu"), "candidates": CANDIDATES[rnd],
              "time_budget_s": TIME_BUDGET_S, "folds": folds, "selected": final,
-             "selected_config": CANDIDATES[final], "selected_pck": table[final]["pck"],
+             "selected_config": CANDIDATES[rnd][final], "selected_pck": table[final]["pck"],
              "table": {n: {k: v for k, v in c.items() if k != "pairs"} for n, c in table.items()},
              "pairs": {n: c["pairs"] for n, c in table.items()}}
     (out_dir / "accuracy.json").write_text(json.dumps(study, indent=1))
@@ -216,29 +290,40 @@ def select(out_dir: Path = OUT) -> dict:
               f"(in-sample on the other three {pct(f['in_sample_pck']['0.1'])}; the final preset on "
               f"{f['held_out']} {pct(f['preset_pck_on_held_out']['0.1'])}; best eligible there "
               f"{f['best_eligible_on_held_out']['candidate']} {pct(f['best_eligible_on_held_out']['pck@0.1'])})")
-    print(f"selected: {final} {CANDIDATES[final]}: " + " / ".join(pct(table[final]["pck"][a]) for a in ALPHAS))
+    print(f"selected: {final} {CANDIDATES[rnd][final]}: " + " / ".join(pct(table[final]["pck"][a]) for a in ALPHAS))
     return study
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--side", type=int, choices=SIDES, help="run every candidate at this image side")
+    p.add_argument("--round", type=int, choices=sorted(CANDIDATES), default=2, dest="rnd")
+    p.add_argument("--units", action="store_true", help="list the round's units and their candidates")
+    p.add_argument("--unit", help="run every candidate of this unit (see --units)")
+    p.add_argument("--side", type=int, help="round 1: the unit side-<SIDE>")
     p.add_argument("--every", type=int, default=1, help="every K-th pair only (a smoke test, not the study)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one worker per core)")
     p.add_argument("--timing", action="store_true", help="time and measure every structure (quiet machine)")
     p.add_argument("--timing-pairs", type=int, default=20)
     p.add_argument("--select", action="store_true", help="apply the protocol to the records")
-    p.add_argument("--out-dir", default=str(OUT))
+    p.add_argument("--out-dir", default=None, help="default: the round's folder in benchmarks/results/accuracy")
     args = p.parse_args()
-    if args.side:
+    out_dir = Path(args.out_dir) if args.out_dir else OUT[args.rnd]
+    unit = f"side-{args.side}" if args.side else args.unit
+    if args.units:
+        for u, names in units(args.rnd).items():
+            print(f"{u}: {', '.join(names)}")
+    if unit:
+        if unit not in units(args.rnd):
+            raise SystemExit(f"--unit: {unit!r} is not a unit of round {args.rnd}; see --units")
         import torch
 
         torch.set_num_threads(args.threads)
-        print(f"wrote {run_side(args.side, args.every, Path(args.out_dir))}")
+        print(f"wrote {run_unit(args.rnd, unit, args.every, out_dir)}")
     if args.timing:
-        run_timing(Path(args.out_dir), args.timing_pairs)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_timing(args.rnd, out_dir, args.timing_pairs)
     if args.select:
-        select(Path(args.out_dir))
+        select(args.rnd, out_dir)
 
 
 if __name__ == "__main__":

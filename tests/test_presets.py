@@ -87,8 +87,12 @@ def test_bidirectional_scores_are_the_geometric_mean_of_both_directions(hyperpix
         corr = model.match_hyperpixels(hs, ht)
     finally:
         model.bidirectional = False
-    _, fwd, res = model.one_way(hs, ht, {"cost": 0.0, "ot": 0.0, "rhm": 0.0})
-    _, back, _ = model.one_way(ht, hs, {"cost": 0.0, "ot": 0.0, "rhm": 0.0})
+    t = {"cost": 0.0, "ot": 0.0, "rhm": 0.0}
+    C = model.cost(hs, ht, t)
+    C_back = model.cost(ht, hs, t)  # its own buffer: the pipeline's transposed view must give the same
+    _, fwd, res = model.transport(C, hs, ht, t)
+    _, back, _ = model.transport(C_back, ht, hs, t)
+    torch.testing.assert_close(C, model.cost(hs, ht, t))  # transport leaves the cost unchanged
     want = (fwd * back.T).sqrt()
     assert torch.allclose(corr.scores, want) and torch.equal(corr.matches, want.argmax(dim=1))
     assert torch.equal(corr.plan, res.plan)  # the source-to-target plan

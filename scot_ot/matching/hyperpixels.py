@@ -2,7 +2,22 @@
 
 The chosen layers' feature maps are resized (bilinear) to the grid of the first
 chosen layer and concatenated along channels (Min et al., *Hyperpixel Flow*, ICCV
-2019). Hyperpixel ``(y, x)`` of that grid has the centre and receptive-field box of
+2019), then L2-normalised, so the cosine of two hyperpixels is
+
+.. math:: \cos(x, y) = \frac{\sum_g \langle x_g, y_g \rangle}{\|x\| \, \|y\|}
+
+over the groups ``g`` of channels. Two options change the groups' weights:
+
+- ``norm="layer"``: each layer's features are L2-normalised first (then the
+  whole vector), so the cosine is the mean of the per-layer cosines,
+  :math:`\frac1L \sum_l \cos(x_l, y_l)`; ``norm="joint"`` (SCOT) lets layers with
+  larger activations weigh more;
+- companion backbones (an ensemble): their layers' maps are resized to the same grid
+  and each backbone's features are normalised on their own, so the cosine is the mean
+  of the backbones' cosines (each computed with ``norm``). Geometry and CAM come from
+  the first backbone only.
+
+Hyperpixel ``(y, x)`` of that grid has the centre and receptive-field box of
 that layer's cell, computed from the architecture
 (:mod:`scot_ot.features.receptive_field`): centre ``o + jump * (x, y)``, box
 ``centre -+ rf // 2`` (SCOT's integer half-width). Foreground weights are SCOT's
@@ -45,12 +60,27 @@ class Hyperpixels:
         return self.feats.shape[0]
 
 
-def hyperpixel_features(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenate (1, C_k, h_k, w_k) maps on the first map's grid; (h*w, sum C_k), L2-normalised."""
+#: how the layers of one backbone are weighed in the hyperpixel cosine (see the module docstring)
+HYPERPIXEL_NORMS = ("joint", "layer")
+
+
+def hyperpixel_features(maps: Sequence[torch.Tensor], groups: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Concatenate (1, C_k, h_k, w_k) maps on the first map's grid; (h*w, sum C_k), L2-normalised.
+
+    ``groups``: how many consecutive maps form each normalisation group (None: one
+    group, SCOT). Each group's concatenation is L2-normalised before the whole, so
+    every group weighs the same in the cosine: :math:`\cos = \frac1G \sum_g \cos_g`.
+    """
     h, w = maps[0].shape[-2:]
     resized = [m if m.shape[-2:] == (h, w) else
                F.interpolate(m, size=(h, w), mode="bilinear", align_corners=True) for m in maps]
     feats = torch.cat(resized, dim=1)[0].flatten(1).T  # (N, D)
+    if groups is not None and len(groups) > 1:
+        if sum(groups) != len(maps):
+            raise ValueError(f"groups: {list(groups)} do not add up to the {len(maps)} maps")
+        widths = [sum(m.shape[1] for m in resized[sum(groups[:g]):sum(groups[:g + 1])])
+                  for g in range(len(groups))]
+        feats = torch.cat([F.normalize(part, dim=1) for part in feats.split(widths, dim=1)], dim=1)
     return F.normalize(feats, dim=1)
 
 
@@ -59,9 +89,15 @@ class HyperpixelExtractor:
 
     def __init__(self, backbone, layers: Sequence[int], use_cam: bool = True,
                  cam_scales: Sequence[float] = CAM_SCALES, cam_top_k: int = CAM_TOP_K,
-                 cam_max_area: float = CAM_MAX_AREA):
+                 cam_max_area: float = CAM_MAX_AREA, norm: str = "joint", companions: Sequence = ()):
+        """``norm``: one of :data:`HYPERPIXEL_NORMS`; ``companions``: more backbones whose
+        default layers join the hyperpixels (an ensemble; each backbone normalised apart)."""
+        if norm not in HYPERPIXEL_NORMS:
+            raise ValueError(f"norm: expected one of {', '.join(HYPERPIXEL_NORMS)}, got {norm!r}")
         self.backbone = backbone
         self.layers = tuple(layers)
+        self.norm = norm
+        self.companions = tuple(companions)
         self.use_cam = use_cam
         self.cam_scales = tuple(float(s) for s in cam_scales)
         if not self.cam_scales or any(s <= 0 for s in self.cam_scales):
@@ -86,6 +122,13 @@ class HyperpixelExtractor:
         B, _, H, W = imgs.shape
         masks = [None] * B if masks is None else list(masks)
         maps, final = self.backbone.forward_features(imgs, self.layers)
+        maps = list(maps)
+        groups = [len(maps)]
+        for other in self.companions:
+            maps += other.forward_features(imgs, other.default_layers).maps
+            groups.append(len(other.default_layers))
+        if self.norm == "layer":
+            groups = [1] * len(maps)
         h, w = maps[0].shape[-2:]
         rf = self.backbone.receptive_field(self.layers[0], (H, W))
         centres, boxes = rf.centres(h, w, imgs.device), rf.boxes(h, w, imgs.device)
@@ -95,7 +138,7 @@ class HyperpixelExtractor:
         cy = centres[:, 1].long().clamp(0, H - 1)
         out = []
         for k in range(B):
-            feats = hyperpixel_features([m[k:k + 1] for m in maps])
+            feats = hyperpixel_features([m[k:k + 1] for m in maps], groups)
             cam = masks[k].to(feats) if masks[k] is not None else cams[k]
             if cam is None:
                 weights = torch.ones(len(feats), dtype=feats.dtype, device=feats.device)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..ot import OTResult, get_solver, solve
-from .hyperpixels import HyperpixelExtractor, Hyperpixels
+from .hyperpixels import HYPERPIXEL_NORMS, HyperpixelExtractor, Hyperpixels
 from .image import ImageError, ImageLike, load_image, resize_longest
 from .rhm import regularized_hough_matching
 from .transfer import TRANSFER_RULES, soft_offsets, transfer_keypoints
@@ -71,6 +71,22 @@ PRESETS: Dict[str, Dict[str, object]] = {
 
 #: arguments every solver takes; the rest are each solver's own ``options``
 COMMON_OT_ARGS = ("eps", "max_iter", "tol", "check_every", "reg_m")
+
+
+def check_ensemble(backbone: str, ensemble) -> Tuple[str, ...]:
+    """``ensemble`` as a tuple of backbone names, or ValueError (not a list of known, distinct names)."""
+    from ..features import available_backbones
+
+    if isinstance(ensemble, str) or not isinstance(ensemble, (list, tuple)):
+        raise ValueError(f"ensemble: expected a list of backbone names, got {ensemble!r}")
+    names = tuple(ensemble)
+    unknown = [n for n in names if n not in available_backbones()]
+    if unknown:
+        raise ValueError(f"ensemble: unknown backbone(s) {', '.join(map(repr, unknown))}; "
+                         f"available: {', '.join(available_backbones())}")
+    if len(set(names + (backbone,))) != len(names) + 1:
+        raise ValueError(f"ensemble: {list(names)} repeats a backbone (the main one is {backbone!r})")
+    return names
 
 
 def check_device(device) -> torch.device:
@@ -185,6 +201,11 @@ class SCOT:
         (``"scot"``: SCOT's equal votes).
     bidirectional : also match target to source and keep the geometric mean of both
         directions' scores (:meth:`match_hyperpixels`).
+    hyperpixel_norm : ``"joint"`` (SCOT: one L2 norm over all layers) or ``"layer"``
+        (each layer normalised first, so each weighs the same in the cosine).
+    ensemble : names of more backbones whose default layers join the hyperpixels;
+        the cosine is the mean of the backbones' (:mod:`.hyperpixels`). Their
+        weights come from their own packages (Lite1/Lite2: the ``ensemble`` extra).
 
     The defaults reproduce SCOT's official code; :meth:`preset` builds the named
     configurations of :data:`PRESETS`.
@@ -209,6 +230,8 @@ class SCOT:
         image_side: int = 300,
         transfer: str = "scot",
         bidirectional: bool = False,
+        hyperpixel_norm: str = "joint",
+        ensemble: Sequence[str] = (),
     ):
         from ..features import get_backbone
 
@@ -223,12 +246,18 @@ class SCOT:
             raise ValueError(f"transfer: expected one of {', '.join(TRANSFER_RULES)}, got {transfer!r}")
         if not isinstance(bidirectional, bool):
             raise ValueError(f"bidirectional: expected True or False, got {bidirectional!r}")
+        if hyperpixel_norm not in HYPERPIXEL_NORMS:
+            raise ValueError(f"hyperpixel_norm: expected one of {', '.join(HYPERPIXEL_NORMS)}, "
+                             f"got {hyperpixel_norm!r}")
+        ensemble = check_ensemble(backbone, ensemble)
         self.device = check_device(device)
         self.backbone = get_backbone(backbone, weights=weights, device=self.device)
         if layers is not None:
             self.backbone.check_layer_ids(layers)  # ValueError naming the valid range
+        companions = [get_backbone(name, device=self.device) for name in ensemble]
         self.extractor = HyperpixelExtractor(
-            self.backbone, layers if layers is not None else self.backbone.default_layers, use_cam
+            self.backbone, layers if layers is not None else self.backbone.default_layers, use_cam,
+            norm=hyperpixel_norm, companions=companions,
         )
         self.ot_args = dict(solver=solver, **ot_args)
         self.rhm = rhm
@@ -262,7 +291,8 @@ class SCOT:
         return {"preset": self.preset_name, "backbone": self.backbone.name, "layers": list(self.extractor.layers),
                 "image_side": self.image_side, "use_cam": self.extractor.use_cam, **self.ot_args,
                 "rhm": self.rhm, "exponent": self.exponent, "transfer": self.transfer,
-                "bidirectional": self.bidirectional}
+                "bidirectional": self.bidirectional, "hyperpixel_norm": self.extractor.norm,
+                "ensemble": [b.name for b in self.extractor.companions]}
 
     def with_solver(self, solver: str, **ot_args) -> "SCOT":
         """A copy that shares this model's backbone and features but solves OT differently.
@@ -326,28 +356,36 @@ class SCOT:
     def match_hyperpixels(self, src: Hyperpixels, trg: Hyperpixels) -> Correspondence:
         """OT + post-processing + RHM on two images' hyperpixels (both ways when ``bidirectional``).
 
-        Bidirectional: the target-to-source problem (cost :math:`C^\\top`, marginals
-        swapped) gets its own OT and RHM, and the scores are the geometric mean
-        :math:`\\sqrt{S^{s \\to t}_{ij} \\, S^{t \\to s}_{ji}}`: a match both directions
-        agree on keeps its score, one that only one direction favours loses it. ``plan``
-        and ``ot`` are the source-to-target ones; the timings add both directions.
+        Bidirectional: the target-to-source problem (cost :math:`C^\top`, the same
+        buffer seen transposed; marginals swapped) gets its own OT and RHM, and the
+        scores are the geometric mean :math:`\sqrt{S^{s \to t}_{ij} \, S^{t \to s}_{ji}}`:
+        a match both directions agree on keeps its score, one that only one direction
+        favours loses it. ``plan`` and ``ot`` are the source-to-target ones; the timings
+        add both directions.
         """
         timings = {"cost": 0.0, "ot": 0.0, "rhm": 0.0}
-        plan, scores, res = self.one_way(src, trg, timings)
+        C = self.cost(src, trg, timings)
+        plan, scores, res = self.transport(C, src, trg, timings)
         if self.bidirectional:
-            _, back, _ = self.one_way(trg, src, timings)
+            _, back, _ = self.transport(C.T, trg, src, timings)
             t = time.perf_counter()
             scores = scores.mul_(back.T).sqrt_()  # (N, M)
             timings["rhm"] += time.perf_counter() - t
         confidences, matches = scores.max(dim=1)
         return Correspondence(src, trg, plan, scores, matches, confidences, res, timings, self.transfer)
 
-    def one_way(self, src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]
-                 ) -> Tuple[torch.Tensor, torch.Tensor, OTResult]:
-        """SCOT's steps 3-5 from ``src`` to ``trg``: the plan, the RHM scores (N, M) and the OT result."""
+    @staticmethod
+    def cost(src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]) -> torch.Tensor:
+        """SCOT's step 3: the (N, M) cosine cost (:func:`cosine_cost`), timed into ``timings["cost"]``."""
         t = time.perf_counter()
         C = cosine_cost(src.feats, trg.feats)  # (N, M)
         timings["cost"] += time.perf_counter() - t
+        return C
+
+    def transport(self, C: torch.Tensor, src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]
+                  ) -> Tuple[torch.Tensor, torch.Tensor, OTResult]:
+        """SCOT's steps 4-5 from ``src`` to ``trg`` on the cost ``C`` (N, M), left unchanged:
+        the plan, the RHM scores (N, M) and the OT result."""
         a = src.weights / src.weights.sum()
         b = trg.weights / trg.weights.sum()
         t = time.perf_counter()
