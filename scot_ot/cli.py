@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .evaluation.run import MARGINALS
+from .matching.hyperpixels import HYPERPIXEL_NORMS
 from .matching.scot import PRESETS
 
 #: the OT arguments and the flags that set them
@@ -55,25 +56,54 @@ def layer_list(text: str) -> Tuple[int, ...]:
 layer_list.__name__ = "comma-separated layer ids"
 
 
+def name_list(text: str) -> Tuple[str, ...]:
+    return () if text.strip().lower() == "none" else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+name_list.__name__ = "comma-separated backbone names"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds a SCOT model."""
     p.add_argument("--preset", choices=tuple(PRESETS), default="faithful",
                    help="a named configuration: faithful (SCOT's official code) or accurate (docs/accuracy.md); "
                         "the other options change it")
-    p.add_argument("--backbone", default="efficientnet-lite0")
+    # None: the preset's value (resolve_preset_defaults), so that --preset alone reproduces the preset
+    p.add_argument("--backbone", default=None, help="the backbone (default: the preset's, efficientnet-lite0)")
+    p.add_argument("--ensemble", type=name_list, default=None,
+                   help="more backbones whose hyperpixels join the first's, comma-separated, or 'none' "
+                        "(default: the preset's)")
+    p.add_argument("--hyperpixel-norm", choices=HYPERPIXEL_NORMS, default=None,
+                   help="joint (SCOT: one L2 norm over all layers) or layer (each layer normalised first); "
+                        "default: the preset's")
     p.add_argument("--layers", type=layer_list, default=None,
                    help="hyperpixel layer ids, comma-separated (default: the backbone's preset)")
     p.add_argument("--weights", default=None, help="checkpoint for backbones without embedded weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--eps", type=float, default=0.05)
-    p.add_argument("--max-iter", type=int, default=1,
-                   help="OT iterations (default 1, SCOT's official setting)")
-    p.add_argument("--tol", type=float, default=1e-6)
+    p.add_argument("--eps", type=float, default=None, help="entropic regularisation (default: the preset's)")
+    p.add_argument("--max-iter", type=int, default=None,
+                   help="OT iterations (default: the preset's; 1 in both, SCOT's official setting)")
+    p.add_argument("--tol", type=float, default=None)
     p.add_argument("--marginals", choices=MARGINALS, default="cam",
                    help="marginal weights: cam (SCOT's default), mask (SCOT's FCN variant: the foreground "
                         "masks of --masks; eval and diagnose), uniform")
     p.add_argument("--no-rhm", action="store_true", help="skip regularised Hough matching")
-    p.add_argument("--exponent", type=float, default=0.5)
+    p.add_argument("--exponent", type=float, default=None, help="score exponent (default: the preset's)")
+
+
+#: model options whose default is the preset's value: argparse dest -> SCOT argument
+PRESET_FLAGS = {"backbone": "backbone", "ensemble": "ensemble", "hyperpixel_norm": "hyperpixel_norm",
+                "eps": "eps", "max_iter": "max_iter", "tol": "tol", "exponent": "exponent"}
+
+
+def resolve_preset_defaults(args) -> None:
+    """Fill every model option left unset with the value of ``--preset``'s configuration."""
+    from .matching import SCOT
+
+    preset = SCOT.preset_arguments(args.preset)
+    for dest, arg in PRESET_FLAGS.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, preset[arg])
 
 
 # ---------------------------------------------------------------------------- checks
@@ -120,8 +150,9 @@ def check_solver_specs(specs: List[str], args, flag: str = "--solver") -> List[T
 def check_model_args(args) -> None:
     """Backbone, device, weights, exponent and marginals, before anything is loaded."""
     from .features import available_backbones
-    from .matching.scot import check_device
+    from .matching.scot import check_device, check_ensemble
 
+    resolve_preset_defaults(args)
     if args.marginals == "mask" and not getattr(args, "masks", None):
         where = ("give the masks with --masks" if hasattr(args, "masks")
                  else "masks come with 'scot-ot eval --masks DIR' and 'scot-ot diagnose --masks SRC TRG'")
@@ -129,6 +160,10 @@ def check_model_args(args) -> None:
     if args.backbone not in available_backbones():
         raise ValueError(f"--backbone: unknown backbone {args.backbone!r}; available: "
                          f"{', '.join(available_backbones())}")
+    try:
+        check_ensemble(args.backbone, args.ensemble)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None
     try:
         check_device(args.device)
     except ValueError as e:
@@ -156,7 +191,8 @@ def build_model(args, solver: str):
     try:
         return SCOT.preset(args.preset, backbone=args.backbone, layers=args.layers, weights=args.weights,
                            device=args.device, solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
-                           use_cam=args.marginals != "uniform", rhm=not args.no_rhm, exponent=args.exponent)
+                           use_cam=args.marginals != "uniform", rhm=not args.no_rhm, exponent=args.exponent,
+                           ensemble=args.ensemble, hyperpixel_norm=args.hyperpixel_norm)
     except (CheckpointError, WeightsNotFoundError) as e:
         raise ValueError(f"--weights: {e}" if args.weights else str(e)) from None
     except ValueError as e:

@@ -1,4 +1,4 @@
-"""Hyperpixels: multi-layer CNN features on one grid, with image-space boxes.
+r"""Hyperpixels: multi-layer CNN features on one grid, with image-space boxes.
 
 The chosen layers' feature maps are resized (bilinear) to the grid of the first
 chosen layer and concatenated along channels (Min et al., *Hyperpixel Flow*, ICCV
@@ -12,10 +12,10 @@ over the groups ``g`` of channels. Two options change the groups' weights:
   whole vector), so the cosine is the mean of the per-layer cosines,
   :math:`\frac1L \sum_l \cos(x_l, y_l)`; ``norm="joint"`` (SCOT) lets layers with
   larger activations weigh more;
-- companion backbones (an ensemble): their layers' maps are resized to the same grid
-  and each backbone's features are normalised on their own, so the cosine is the mean
-  of the backbones' cosines (each computed with ``norm``). Geometry and CAM come from
-  the first backbone only.
+- companion backbones (an ensemble): their layers' maps are resized to the same grid.
+  With ``"joint"`` each backbone's features are normalised on their own, so the
+  cosine is the mean of the backbones' cosines; with ``"layer"`` it is the mean over
+  all layers of all backbones. Geometry and CAM come from the first backbone only.
 
 Hyperpixel ``(y, x)`` of that grid has the centre and receptive-field box of
 that layer's cell, computed from the architecture
@@ -69,7 +69,7 @@ def hyperpixel_features(maps: Sequence[torch.Tensor], groups: Optional[Sequence[
 
     ``groups``: how many consecutive maps form each normalisation group (None: one
     group, SCOT). Each group's concatenation is L2-normalised before the whole, so
-    every group weighs the same in the cosine: :math:`\cos = \frac1G \sum_g \cos_g`.
+    every group weighs the same in the cosine: :math:`\\cos = \\frac1G \\sum_g \\cos_g`.
     """
     h, w = maps[0].shape[-2:]
     resized = [m if m.shape[-2:] == (h, w) else

@@ -69,6 +69,13 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "accurate": {"image_side": 400, "transfer": "soft"},
 }
 
+def _same_value(a, b) -> bool:
+    """Equal arguments, a list equal to a tuple of the same items included."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
 #: arguments every solver takes; the rest are each solver's own ``options``
 COMMON_OT_ARGS = ("eps", "max_iter", "tol", "check_every", "reg_m")
 
@@ -274,17 +281,22 @@ class SCOT:
         ``"faithful"`` is SCOT's official code (the constructor's defaults); ``"accurate"``
         the configuration docs/accuracy.md selected. ValueError for an unknown name.
         """
+        base = cls.preset_arguments(name)
+        model = cls(**{**PRESETS[name], **overrides})
+        changed = sorted(k for k, v in overrides.items() if k != "device" and not _same_value(base.get(k), v))
+        model.preset_name = name if not changed else f"{name} (with {', '.join(changed)} changed)"
+        return model
+
+    @classmethod
+    def preset_arguments(cls, name: str) -> Dict[str, object]:
+        """Every constructor argument of the preset ``name``: the defaults with :data:`PRESETS` on top."""
         if name not in PRESETS:
             raise ValueError(f"preset: unknown preset {name!r}; available: {', '.join(PRESETS)}")
         import inspect
 
         defaults = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
                     if p.default is not inspect.Parameter.empty}
-        base = {**defaults, **PRESETS[name]}
-        model = cls(**{**PRESETS[name], **overrides})
-        changed = sorted(k for k, v in overrides.items() if k != "device" and base.get(k) != v)
-        model.preset_name = name if not changed else f"{name} (with {', '.join(changed)} changed)"
-        return model
+        return {**defaults, **PRESETS[name]}
 
     def config(self) -> Dict[str, object]:
         """Everything that decides this model's output, JSON-ready (recorded by ``scot-ot eval``)."""
@@ -356,9 +368,9 @@ class SCOT:
     def match_hyperpixels(self, src: Hyperpixels, trg: Hyperpixels) -> Correspondence:
         """OT + post-processing + RHM on two images' hyperpixels (both ways when ``bidirectional``).
 
-        Bidirectional: the target-to-source problem (cost :math:`C^\top`, the same
+        Bidirectional: the target-to-source problem (cost :math:`C^\\top`, the same
         buffer seen transposed; marginals swapped) gets its own OT and RHM, and the
-        scores are the geometric mean :math:`\sqrt{S^{s \to t}_{ij} \, S^{t \to s}_{ji}}`:
+        scores are the geometric mean :math:`\\sqrt{S^{s \\to t}_{ij} \\, S^{t \\to s}_{ji}}`:
         a match both directions agree on keeps its score, one that only one direction
         favours loses it. ``plan`` and ``ot`` are the source-to-target ones; the timings
         add both directions.
