@@ -9,7 +9,8 @@ An image's file is ``DIR/<kk>/<key>.pt`` with
 
 where the settings are everything the features depend on: the backbone's name and a
 digest of its weights (the tensors themselves, so the same file under another name is
-the same key and a retrained file is not), the hyperpixel layers, the image side, the
+the same key and a retrained file is not), the hyperpixel layers and norm, every
+ensemble backbone's name, layers and weights digest, the image side, the
 CAM settings (on/off, scales, top-k, maximum area), the device type (CPU and GPU
 convolutions round differently), the versions of scot_ot and torch, and the file
 format. Change any of them and the key changes: the old files are never read for the
@@ -57,7 +58,10 @@ def feature_settings(model) -> Dict[str, Any]:
 
     ex = model.extractor
     return {"format": FORMAT, "backbone": model.backbone.name, "weights_sha256": weights_digest(model.backbone),
-            "layers": list(ex.layers), "image_side": int(model.image_side), "use_cam": bool(ex.use_cam),
+            "layers": list(ex.layers), "hyperpixel_norm": ex.norm,
+            "ensemble": [{"backbone": b.name, "layers": list(b.default_layers), "weights_sha256": weights_digest(b)}
+                         for b in ex.companions],
+            "image_side": int(model.image_side), "use_cam": bool(ex.use_cam),
             "cam_scales": list(ex.cam_scales), "cam_top_k": int(ex.cam_top_k),
             "cam_max_area": float(ex.cam_max_area), "device_type": model.device.type,
             "scot_ot": scot_ot.__version__, "torch": torch.__version__}
