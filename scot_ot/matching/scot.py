@@ -368,8 +368,8 @@ class SCOT:
     def match_hyperpixels(self, src: Hyperpixels, trg: Hyperpixels) -> Correspondence:
         """OT + post-processing + RHM on two images' hyperpixels (both ways when ``bidirectional``).
 
-        Bidirectional: the target-to-source problem (cost :math:`C^\\top`, the same
-        buffer seen transposed; marginals swapped) gets its own OT and RHM, and the
+        Bidirectional: the target-to-source problem (cost :math:`C^\\top`, copied
+        from the forward cost; marginals swapped) gets its own OT and RHM, and the
         scores are the geometric mean :math:`\\sqrt{S^{s \\to t}_{ij} \\, S^{t \\to s}_{ji}}`:
         a match both directions agree on keeps its score, one that only one direction
         favours loses it. ``plan`` and ``ot`` are the source-to-target ones; the timings
@@ -379,7 +379,11 @@ class SCOT:
         C = self.cost(src, trg, timings)
         plan, scores, res = self.transport(C, src, trg, timings)
         if self.bidirectional:
-            _, back, _ = self.transport(C.T, trg, src, timings)
+            t = time.perf_counter()
+            C_back = C.T.contiguous()  # (M, N): a copy, faster than computing it or solving on the view
+            timings["cost"] += time.perf_counter() - t
+            _, back, _ = self.transport(C_back, trg, src, timings)
+            del C_back
             t = time.perf_counter()
             scores = scores.mul_(back.T).sqrt_()  # (N, M)
             timings["rhm"] += time.perf_counter() - t
