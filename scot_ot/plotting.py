@@ -83,8 +83,9 @@ def side_by_side(src_img: torch.Tensor, trg_img: torch.Tensor):
 def trusted_matches(corr, top: int = 60, cam_threshold: float = 0.5):
     """The source hyperpixels whose matches :func:`plot_matches` draws, best first, and what they are.
 
-    A source ``i`` qualifies when it is foreground (the CAM at its centre exceeds
-    ``cam_threshold``; every source when the hyperpixels carry no CAM) and its match is
+    A source ``i`` qualifies when it is foreground (the CAM, or the mask that replaced
+    it, at its centre exceeds ``cam_threshold``; every source when the hyperpixels
+    carry neither) and its match is
     mutual (``i`` is also the best-scoring source of its target ``m(i)``). Of those,
     the ``top`` with the highest score. Returns ``(indices (<= top,), description)``.
     """
@@ -96,7 +97,7 @@ def trusted_matches(corr, top: int = 60, cam_threshold: float = 0.5):
     mutual = scores.argmax(dim=0)[matches] == torch.arange(n)  # (N,)
     if corr.src.cam is not None:
         fg = cam_mask(corr.src, cam_threshold).cpu()
-        where = f"foreground (CAM > {cam_threshold:g}) sources"
+        where = f"foreground (CAM, or mask when given, > {cam_threshold:g}) sources"
     else:
         fg = torch.ones(n, dtype=torch.bool)
         where = "sources"
