@@ -65,8 +65,9 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
 #: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
 PRESETS: Dict[str, Dict[str, object]] = {
     "faithful": {},  # SCOT's official code (docs/fidelity.md)
-    # chosen by the pre-registered study of docs/accuracy.md (benchmarks/results/accuracy/accuracy.json)
-    "accurate": {"image_side": 400, "transfer": "soft"},
+    # chosen by round 2 of the pre-registered study of docs/accuracy.md
+    # (benchmarks/results/accuracy/round2/accuracy.json): Lite0 + Lite2 hyperpixels at 400 px
+    "accurate": {"image_side": 400, "ensemble": ("efficientnet-lite2",)},
 }
 
 def _same_value(a, b) -> bool:
@@ -212,7 +213,8 @@ class SCOT:
         (each layer normalised first, so each weighs the same in the cosine).
     ensemble : names of more backbones whose default layers join the hyperpixels;
         the cosine is the mean of the backbones' (:mod:`.hyperpixels`). Their
-        weights come from their own packages (Lite1/Lite2: the ``ensemble`` extra).
+        weights come from their own packages (Lite2: a dependency, for the
+        ``accurate`` preset; Lite1: the ``lite1`` extra).
 
     The defaults reproduce SCOT's official code; :meth:`preset` builds the named
     configurations of :data:`PRESETS`.
