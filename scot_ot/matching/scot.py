@@ -70,6 +70,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "accurate": {"image_side": 400, "ensemble": ("efficientnet-lite2",)},
 }
 
+
 def _same_value(a, b) -> bool:
     """Equal arguments, a list equal to a tuple of the same items included."""
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
