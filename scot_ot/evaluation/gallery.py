@@ -163,24 +163,15 @@ def draw_pair(corr, src_img, trg_img, pair, pred, foreground, title: str):
 
 
 # ------------------------------------------------------------------ the page
-def _pct(v) -> str:
-    v = _finite(v)
-    return "–" if v is None else f"{100 * v:.1f}%"
+def _format(scale: float, spec: str, unit: str = ""):
+    """A cell formatter: ``scale * v`` with ``spec`` and ``unit``, or a dash for a missing or non-finite ``v``."""
+    def fmt(v) -> str:
+        v = _finite(v)
+        return "–" if v is None else f"{scale * v:{spec}}{unit}"
+    return fmt
 
 
-def _ratio(v) -> str:
-    v = _finite(v)
-    return "–" if v is None else f"{v:.3f}"
-
-
-def _ms(v) -> str:
-    v = _finite(v)
-    return "–" if v is None else f"{1000 * v:.1f} ms"
-
-
-def _count(v) -> str:
-    v = _finite(v)
-    return "–" if v is None else f"{v:.0f}"
+_pct, _ratio, _ms, _count = _format(100, ".1f", "%"), _format(1, ".3f"), _format(1000, ".1f", " ms"), _format(1, ".0f")
 
 
 #: (record key, column heading, format) of the per-solver measures on the page
