@@ -16,7 +16,16 @@ Lite0-joint-eps0.05 candidates repeat round 1's (a check that the pipeline did n
 move). eps changes no work (one iteration either way), so it shares its structure's
 timing.
 
-Protocol (``select``, the same for both rounds):
+Round 3 (fixed after round 2, before any of its runs; ``CANDIDATES[3]``): spend the
+time a bfloat16 cost saves on more hyperpixels. Round 2's pick (400 px, joint norm,
+eps 0.05, one direction, SCOT's transfer) with backbones {Lite0 + Lite2, Lite0 +
+Lite1, Lite0 + Lite1 + Lite2} x cost precision {full, bfloat16} x score exponent
+{0.5 (SCOT's PF-WILLOW value), 1.0 (its SPair value)}: 12 candidates. The Lite0 +
+Lite2 full-precision exponent-0.5 candidate is round 2's preset (a check that
+nothing moved). eps and the exponent change no work, so they share their
+structure's timing. Lite1 needs the ``lite1`` extra.
+
+Protocol (``select``, the same for every round):
 
 1. every candidate runs on all 360 PF-WILLOW-dev pairs (per-pair PCK at 0.05 /
    0.10 / 0.15 and the time of each stage);
@@ -42,8 +51,11 @@ Run (one worker per unit, two at a time; then the timings alone; then the select
     python benchmarks/accuracy.py --round 2 --unit side300-lite0-joint   # ... each unit, two at a time
     python benchmarks/accuracy.py --round 2 --timing --select
 
+    python benchmarks/accuracy.py --round 3 --unit side400-lite0+lite2-joint   # ... each unit, two at a time
+    python benchmarks/accuracy.py --round 3 --timing --select
+
 Records: round 1 in ``benchmarks/results/accuracy/`` (``side-<S>.json``,
-``pipeline-*.json``, ``accuracy.json``), round 2 in ``benchmarks/results/accuracy/round2/``.
+``pipeline-*.json``, ``accuracy.json``), rounds 2 and 3 in ``benchmarks/results/accuracy/round<R>/``.
 """
 
 from __future__ import annotations
@@ -58,13 +70,14 @@ from typing import Dict, List, Tuple
 from common import RESULTS, machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "PF-WILLOW-dev"
-OUT = {1: RESULTS / "accuracy", 2: RESULTS / "accuracy" / "round2"}
+OUT = {1: RESULTS / "accuracy", 2: RESULTS / "accuracy" / "round2", 3: RESULTS / "accuracy" / "round3"}
 TIME_BUDGET_S = 2.0
 MEMORY_BUDGET_MB = 4096
 ALPHAS = ("0.05", "0.1", "0.15")
 DIRECTION = {False: "uni", True: "bi"}
-#: round 2's hyperpixel sources: name -> the ``ensemble`` argument (Lite0 is always the first backbone)
-ENSEMBLES = {"lite0": [], "lite0+lite2": ["efficientnet-lite2"]}
+#: rounds 2 and 3's hyperpixel sources: name -> the ``ensemble`` argument (Lite0 is always the first backbone)
+ENSEMBLES = {"lite0": [], "lite0+lite2": ["efficientnet-lite2"], "lite0+lite1": ["efficientnet-lite1"],
+             "lite0+lite1+lite2": ["efficientnet-lite1", "efficientnet-lite2"]}
 #: round 2's entropic regularisations of the one Sinkhorn iteration (SCOT: 0.05)
 EPS = (0.02, 0.05, 0.1)
 
@@ -88,8 +101,15 @@ def _round2() -> Dict[str, dict]:
     return out
 
 
+def _round3() -> Dict[str, dict]:
+    return {f"side400-{e}-joint-eps0.05-{p}-exp{x}-scot-uni": {
+        "image_side": 400, "ensemble": ENSEMBLES[e], "hyperpixel_norm": "joint", "eps": 0.05, "cost_precision": p,
+        "exponent": x, "transfer": "scot", "bidirectional": False}
+        for e in ("lite0+lite2", "lite0+lite1", "lite0+lite1+lite2") for p in ("full", "bfloat16") for x in (0.5, 1.0)}
+
+
 #: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
-CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2()}
+CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3()}
 
 
 def unit_of(config: dict) -> str:
@@ -101,8 +121,10 @@ def unit_of(config: dict) -> str:
 
 
 def structure(config: dict) -> str:
-    """What the pipeline's time and memory depend on: the unit and the directions (not the transfer rule)."""
-    return f"{unit_of(config).replace('side-', 'side')}-{DIRECTION[config['bidirectional']]}"
+    """What the pipeline's time and memory depend on: the unit, the cost's precision (round 3) and the
+    directions (not the transfer rule)."""
+    precision = f"-{config['cost_precision']}" if "cost_precision" in config else ""
+    return f"{unit_of(config).replace('side-', 'side')}{precision}-{DIRECTION[config['bidirectional']]}"
 
 
 def units(rnd: int) -> Dict[str, List[str]]:
@@ -113,7 +135,10 @@ def units(rnd: int) -> Dict[str, List[str]]:
 
 
 def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
-    """Every candidate of ``unit`` on PF-WILLOW-dev: features once per image, each direction once per pair."""
+    """Every candidate of ``unit`` on PF-WILLOW-dev: features once per image; per pair the cost once per
+    precision, each direction once per precision and eps."""
+    import copy
+
     import torch
     from tqdm.auto import tqdm
 
@@ -124,10 +149,16 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
 
     names = units(rnd)[unit]
     configs = [CANDIDATES[rnd][n] for n in names]
-    base = {k: v for k, v in configs[0].items() if k not in ("transfer", "bidirectional", "eps")}
+    varied = ("transfer", "bidirectional", "eps", "cost_precision", "exponent")
+    base = {k: v for k, v in configs[0].items() if k not in varied}
     directions = sorted({c["bidirectional"] for c in configs})
     rules = sorted({c["transfer"] for c in configs})
-    epsilons = sorted({c.get("eps", 0.05) for c in configs})
+    # what the plan and the scores depend on: (cost precision, eps, exponent), the cost once per precision
+    settings = sorted({(c.get("cost_precision", "full"), c.get("eps", 0.05), c.get("exponent", 0.5))
+                       for c in configs})
+    precisions = sorted({prec for prec, _, _ in settings})
+    label = (lambda prec, eps, x: str(eps)) if len(settings) == len({e for _, e, _ in settings}) else \
+        (lambda prec, eps, x: f"{prec}/{eps}/{x}")
     pairs = list(load_pairs("pf-willow", DATA).pairs)[::every]
     model = SCOT(**base)
     feats: Dict[str, object] = {}
@@ -142,10 +173,16 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
         hs, ht = feats[str(pair.src_path)], feats[str(pair.trg_path)]
         row = {"pair_id": pair.pair_id, "category": pair.category, "n_src": len(hs), "n_trg": len(ht),
                "match_s": {}, "results": {}}
-        cost_t = {"cost": 0.0}
-        C = model.cost(hs, ht, cost_t)  # (N, M), shared by every eps and both directions
-        for eps in epsilons:
-            solver = model.with_solver("pot-sinkhorn", eps=eps)
+        C, C_prec = None, None
+        for prec, eps, exponent in settings:
+            if prec != C_prec:
+                del C
+                variant = copy.copy(model)
+                variant.cost_precision = prec
+                cost_t = {"cost": 0.0}
+                C, C_prec = variant.cost(hs, ht, cost_t), prec  # (N, M), shared by every eps and both directions
+            solver = variant.with_solver("pot-sinkhorn", eps=eps)
+            solver.exponent = exponent
             fwd_t = {"cost": cost_t["cost"], "ot": 0.0, "rhm": 0.0}
             plan, fwd, res = solver.transport(C, hs, ht, fwd_t)
             scores = {False: fwd}
@@ -157,12 +194,14 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
                 scores[True] = (fwd * back.T).sqrt_()
                 match_s["bi"] = match_s["uni"] + sum(bwd_t.values()) + time.perf_counter() - t
                 del back
-            row["match_s"][str(eps)] = match_s
+            row["match_s"][label(prec, eps, exponent)] = match_s
             for bi in directions:
                 conf, matches = scores[bi].max(dim=1)
                 for rule in rules:
                     name = next((n for n, c in zip(names, configs) if c["bidirectional"] == bi
-                                 and c["transfer"] == rule and c.get("eps", 0.05) == eps), None)
+                                 and c["transfer"] == rule and c.get("eps", 0.05) == eps
+                                 and c.get("cost_precision", "full") == prec
+                                 and c.get("exponent", 0.5) == exponent), None)
                     if name is None:
                         continue
                     corr = Correspondence(hs, ht, plan, scores[bi], matches, conf, res, {}, rule)
@@ -172,8 +211,8 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
                     pck = pck_per_pair(pred, pair.trg_kps, pair.pck_threshold(), [float(a) for a in ALPHAS])
                     row["results"][name] = {"pck": {a: pck[float(a)] for a in ALPHAS}, "transfer_s": transfer_s}
             del plan, fwd, scores
-        rows.append(row)
         del C
+        rows.append(row)
     record = {"benchmark": "accuracy", "round": rnd, "unit": unit, "config": base, "machine": machine("cpu"),
               "every": every, "torch_threads": torch.get_num_threads(), "feature_s_per_image": feat_time,
               "mean_feature_s": statistics.mean(feat_time.values()), "pairs": rows}
@@ -196,7 +235,7 @@ def run_timing(rnd: int, out_dir: Path, pairs: int = 20) -> None:
         if name in done:
             continue
         done.add(name)
-        scot = {k: v for k, v in config.items() if k not in ("transfer", "eps")}  # eps: same work
+        scot = {k: v for k, v in config.items() if k not in ("transfer", "eps", "exponent")}  # same work
         subprocess.run([sys.executable, str(here / "pipeline.py"), "--root", str(DATA), "--pairs", str(pairs),
                         "--scot", json.dumps(scot), "--out", str(out_dir / f"pipeline-{name}.json")], check=True)
 

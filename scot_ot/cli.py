@@ -28,7 +28,7 @@ import torch
 
 from .evaluation.run import MARGINALS
 from .matching.hyperpixels import HYPERPIXEL_NORMS
-from .matching.scot import PRESETS
+from .matching.scot import COST_PRECISIONS, PRESETS
 
 #: the OT arguments and the flags that set them
 OT_FLAGS = {"eps": "--eps", "max_iter": "--max-iter", "tol": "--tol", "check_every": "--check-every",
@@ -76,6 +76,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hyperpixel-norm", choices=HYPERPIXEL_NORMS, default=None,
                    help="joint (SCOT: one L2 norm over all layers) or layer (each layer normalised first); "
                         "default: the preset's")
+    p.add_argument("--cost-precision", choices=COST_PRECISIONS, default=None,
+                   help="precision of the cost's matrix product: full (SCOT) or bfloat16 (faster on CPUs "
+                        "with AVX512-BF16); default: the preset's")
     p.add_argument("--layers", type=layer_list, default=None,
                    help="hyperpixel layer ids, comma-separated (default: the backbone's preset)")
     p.add_argument("--weights", default=None, help="checkpoint for backbones without embedded weights")
@@ -93,7 +96,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 #: model options whose default is the preset's value: argparse dest -> SCOT argument
 PRESET_FLAGS = {"backbone": "backbone", "ensemble": "ensemble", "hyperpixel_norm": "hyperpixel_norm",
-                "eps": "eps", "max_iter": "max_iter", "tol": "tol", "exponent": "exponent"}
+                "cost_precision": "cost_precision", "eps": "eps", "max_iter": "max_iter", "tol": "tol", "exponent": "exponent"}
 
 
 def resolve_preset_defaults(args) -> None:
@@ -192,7 +195,8 @@ def build_model(args, solver: str):
         return SCOT.preset(args.preset, backbone=args.backbone, layers=args.layers, weights=args.weights,
                            device=args.device, solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
                            use_cam=args.marginals != "uniform", rhm=not args.no_rhm, exponent=args.exponent,
-                           ensemble=args.ensemble, hyperpixel_norm=args.hyperpixel_norm)
+                           ensemble=args.ensemble, hyperpixel_norm=args.hyperpixel_norm,
+                           cost_precision=args.cost_precision)
     except (CheckpointError, WeightsNotFoundError) as e:
         raise ValueError(f"--weights: {e}" if args.weights else str(e)) from None
     except ValueError as e:

@@ -373,6 +373,8 @@ API_CASES = [
             ("ensemble", "'lite2'", "efficientnet-lite2")),
     ApiCase("api-hyperpixel-norm-unknown", lambda d, m: SCOT(hyperpixel_norm="l2"), ValueError,
             ("hyperpixel_norm", "joint, layer", "'l2'")),
+    ApiCase("api-cost-precision-unknown", lambda d, m: SCOT(cost_precision="float16"), ValueError,
+            ("cost_precision", "full, bfloat16", "'float16'")),
     ApiCase("api-tol-negative", lambda d, m: SCOT(tol=-1), ValueError, ("tol",)),
     ApiCase("api-resume-not-an-object", lambda d, m: read_results(d / "resume-list.json"), ValueError,
             ("resume-list.json",)),

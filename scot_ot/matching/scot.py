@@ -37,13 +37,33 @@ from .transfer import TRANSFER_RULES, soft_offsets, transfer_keypoints
 MIN_SIDE = 32
 
 
-def cosine_cost(src: torch.Tensor, trg: torch.Tensor) -> torch.Tensor:
+#: precisions of the cost's matrix product (:func:`cosine_cost`)
+COST_PRECISIONS = ("full", "bfloat16")
+
+
+def cosine_cost(src: torch.Tensor, trg: torch.Tensor, precision: str = "full") -> torch.Tensor:
     """``C_ij = 1 - max(<x_i, y_j>, 0)`` for L2-normalised rows; values in [0, 1].
 
     Computed in place in the one (N, M) buffer of the product (the upper clamp
     absorbs rounding): three passes over it instead of five with temporaries.
+
+    ``precision``: ``"full"`` (SCOT) multiplies in the features' dtype;
+    ``"bfloat16"`` rounds both factors to bfloat16 (8-bit significand) and
+    multiplies there (float32 accumulation inside the kernel, the product rounded to
+    bfloat16), then returns the cost in the features' dtype. Rounding to nearest
+    leaves a relative error of at most :math:`u = 2^{-8}` per entry, so for unit rows
+    :math:`|\Delta\langle x, y\rangle| \le (2u + u^2)(1 + u) + u \le 3u + 4u^2
+    \approx 0.012`, from the inputs (Cauchy-Schwarz) and the rounded product (plus
+    float32 accumulation, at most :math:`d \, 2^{-24}` for ``d`` channels); the
+    roundings are random, so the largest error is about ten times smaller in practice
+    (0.0013 over 7100 x 7100 random ReLU rows of 1544 channels). On CPUs with
+    AVX512-BF16 the product is about 3.7 x faster (0.21 against 0.79 s for
+    7100 x 7100 hyperpixels of 1544 channels on the 2-core study machine).
     """
-    C = src @ trg.T  # (N, M)
+    if precision == "bfloat16":
+        C = (src.to(torch.bfloat16) @ trg.to(torch.bfloat16).T).to(src.dtype)  # (N, M)
+    else:
+        C = src @ trg.T  # (N, M)
     return C.clamp_(0.0, 1.0).neg_().add_(1.0)
 
 
@@ -216,6 +236,9 @@ class SCOT:
         the cosine is the mean of the backbones' (:mod:`.hyperpixels`). Their
         weights come from their own packages (Lite2: a dependency, for the
         ``accurate`` preset; Lite1: the ``lite1`` extra).
+    cost_precision : ``"full"`` (SCOT) or ``"bfloat16"``: the precision of the cost's
+        matrix product (:func:`cosine_cost`: about 3.7 x faster on CPUs with
+        AVX512-BF16, entries within 0.012 of the full product).
 
     The defaults reproduce SCOT's official code; :meth:`preset` builds the named
     configurations of :data:`PRESETS`.
@@ -242,6 +265,7 @@ class SCOT:
         bidirectional: bool = False,
         hyperpixel_norm: str = "joint",
         ensemble: Sequence[str] = (),
+        cost_precision: str = "full",
     ):
         from ..features import get_backbone
 
@@ -259,6 +283,9 @@ class SCOT:
         if hyperpixel_norm not in HYPERPIXEL_NORMS:
             raise ValueError(f"hyperpixel_norm: expected one of {', '.join(HYPERPIXEL_NORMS)}, "
                              f"got {hyperpixel_norm!r}")
+        if cost_precision not in COST_PRECISIONS:
+            raise ValueError(f"cost_precision: expected one of {', '.join(COST_PRECISIONS)}, "
+                             f"got {cost_precision!r}")
         ensemble = check_ensemble(backbone, ensemble)
         self.device = check_device(device)
         self.backbone = get_backbone(backbone, weights=weights, device=self.device)
@@ -275,6 +302,7 @@ class SCOT:
         self.image_side = image_side
         self.transfer = transfer
         self.bidirectional = bidirectional
+        self.cost_precision = cost_precision
         self.preset_name: Optional[str] = None
 
     @classmethod
@@ -307,7 +335,7 @@ class SCOT:
                 "image_side": self.image_side, "use_cam": self.extractor.use_cam, **self.ot_args,
                 "rhm": self.rhm, "exponent": self.exponent, "transfer": self.transfer,
                 "bidirectional": self.bidirectional, "hyperpixel_norm": self.extractor.norm,
-                "ensemble": [b.name for b in self.extractor.companions]}
+                "ensemble": [b.name for b in self.extractor.companions], "cost_precision": self.cost_precision}
 
     def with_solver(self, solver: str, **ot_args) -> "SCOT":
         """A copy that shares this model's backbone and features but solves OT differently.
@@ -393,11 +421,11 @@ class SCOT:
         confidences, matches = scores.max(dim=1)
         return Correspondence(src, trg, plan, scores, matches, confidences, res, timings, self.transfer)
 
-    @staticmethod
-    def cost(src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]) -> torch.Tensor:
-        """SCOT's step 3: the (N, M) cosine cost (:func:`cosine_cost`), timed into ``timings["cost"]``."""
+    def cost(self, src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]) -> torch.Tensor:
+        """SCOT's step 3: the (N, M) cosine cost (:func:`cosine_cost` at ``cost_precision``),
+        timed into ``timings["cost"]``."""
         t = time.perf_counter()
-        C = cosine_cost(src.feats, trg.feats)  # (N, M)
+        C = cosine_cost(src.feats, trg.feats, self.cost_precision)  # (N, M)
         timings["cost"] += time.perf_counter() - t
         return C
 
