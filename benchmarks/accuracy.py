@@ -156,9 +156,10 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
     # what the plan and the scores depend on: (cost precision, eps, exponent), the cost once per precision
     settings = sorted({(c.get("cost_precision", "full"), c.get("eps", 0.05), c.get("exponent", 0.5))
                        for c in configs})
-    precisions = sorted({prec for prec, _, _ in settings})
-    label = (lambda prec, eps, x: str(eps)) if len(settings) == len({e for _, e, _ in settings}) else \
-        (lambda prec, eps, x: f"{prec}/{eps}/{x}")
+    eps_only = len(settings) == len({eps for _, eps, _ in settings})  # rounds 1 and 2: keys as before
+
+    def label(prec, eps, exponent) -> str:
+        return str(eps) if eps_only else f"{prec}/{eps}/{exponent}"
     pairs = list(load_pairs("pf-willow", DATA).pairs)[::every]
     model = SCOT(**base)
     feats: Dict[str, object] = {}

@@ -60,17 +60,20 @@ def test_groups_must_cover_the_maps():
 
 
 def test_extractor_norms_and_companions_on_random_backbones():
-    """Per-layer norm and a companion backbone (random weights) against the closed form."""
+    """Per-layer norm and one or two companion backbones (random weights) against the closed form."""
     main = get_backbone("efficientnet-lite0", pretrained=False)
     other = get_backbone("efficientnet-lite2", pretrained=False)
+    third = get_backbone("efficientnet-lite1", pretrained=False)
     img = torch.rand(3, 64, 80)
     with torch.no_grad():
         maps = main.forward_features(img[None], main.default_layers).maps
         other_maps = other.forward_features(img[None], other.default_layers).maps
+        third_maps = third.forward_features(img[None], third.default_layers).maps
     hw = tuple(maps[0].shape[-2:])
-    assert tuple(other_maps[0].shape[-2:]) == hw  # both stride 4, TF "same" padding
+    assert tuple(other_maps[0].shape[-2:]) == hw == tuple(third_maps[0].shape[-2:])  # stride 4, TF "same"
     rows = [_grid_feats(m, hw) for m in maps]
     other_rows = [_grid_feats(m, hw) for m in other_maps]
+    third_rows = [_grid_feats(m, hw) for m in third_maps]
 
     def feats(**kw):
         return HyperpixelExtractor(main, main.default_layers, use_cam=False, **kw)(img, (1.0, 1.0)).feats
@@ -80,6 +83,8 @@ def test_extractor_norms_and_companions_on_random_backbones():
                                rtol=1e-4, atol=1e-4)
     both = (_cos(torch.cat(rows, 1)) + _cos(torch.cat(other_rows, 1))) / 2
     torch.testing.assert_close(_cos(feats(companions=[other])), both, rtol=1e-4, atol=1e-4)
+    three = (_cos(torch.cat(rows, 1)) + _cos(torch.cat(other_rows, 1)) + _cos(torch.cat(third_rows, 1))) / 3
+    torch.testing.assert_close(_cos(feats(companions=[other, third])), three, rtol=1e-4, atol=1e-4)
     all_layers = sum(_cos(r) for r in rows + other_rows) / (len(rows) + len(other_rows))
     torch.testing.assert_close(_cos(feats(norm="layer", companions=[other])), all_layers, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="norm: expected one of joint, layer, got 'l1'"):

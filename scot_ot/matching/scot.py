@@ -52,9 +52,9 @@ def cosine_cost(src: torch.Tensor, trg: torch.Tensor, precision: str = "full") -
     multiplies there (float32 accumulation inside the kernel, the product rounded to
     bfloat16), then returns the cost in the features' dtype. Rounding to nearest
     leaves a relative error of at most :math:`u = 2^{-8}` per entry, so for unit rows
-    :math:`|\Delta\langle x, y\rangle| \le (2u + u^2)(1 + u) + u \le 3u + 4u^2
-    \approx 0.012`, from the inputs (Cauchy-Schwarz) and the rounded product (plus
-    float32 accumulation, at most :math:`d \, 2^{-24}` for ``d`` channels); the
+    :math:`|\\Delta\\langle x, y\\rangle| \\le (2u + u^2)(1 + u) + u \\le 3u + 4u^2
+    \\approx 0.012`, from the inputs (Cauchy-Schwarz) and the rounded product (plus
+    float32 accumulation, at most :math:`d \\, 2^{-24}` for ``d`` channels); the
     roundings are random, so the largest error is about ten times smaller in practice
     (0.0013 over 7100 x 7100 random ReLU rows of 1544 channels). On CPUs with
     AVX512-BF16 the product is about 3.7 x faster (0.21 against 0.79 s for
@@ -85,9 +85,11 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
 #: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
 PRESETS: Dict[str, Dict[str, object]] = {
     "faithful": {},  # SCOT's official code (docs/fidelity.md)
-    # chosen by round 2 of the pre-registered study of docs/accuracy.md
-    # (benchmarks/results/accuracy/round2/accuracy.json): Lite0 + Lite2 hyperpixels at 400 px
-    "accurate": {"image_side": 400, "ensemble": ("efficientnet-lite2",)},
+    # chosen by round 3 of the pre-registered study of docs/accuracy.md
+    # (benchmarks/results/accuracy/round3/accuracy.json): Lite0 + Lite1 + Lite2 hyperpixels at
+    # 400 px, the cost's product in bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs)
+    "accurate": {"image_side": 400, "ensemble": ("efficientnet-lite1", "efficientnet-lite2"),
+                 "cost_precision": "bfloat16"},
 }
 
 
@@ -234,8 +236,8 @@ class SCOT:
         (each layer normalised first, so each weighs the same in the cosine).
     ensemble : names of more backbones whose default layers join the hyperpixels;
         the cosine is the mean of the backbones' (:mod:`.hyperpixels`). Their
-        weights come from their own packages (Lite2: a dependency, for the
-        ``accurate`` preset; Lite1: the ``lite1`` extra).
+        weights come from their own packages (both dependencies, for the
+        ``accurate`` preset).
     cost_precision : ``"full"`` (SCOT) or ``"bfloat16"``: the precision of the cost's
         matrix product (:func:`cosine_cost`: about 3.7 x faster on CPUs with
         AVX512-BF16, entries within 0.012 of the full product).
