@@ -23,7 +23,7 @@ Lite1, Lite0 + Lite1 + Lite2} x cost precision {full, bfloat16} x score exponent
 {0.5 (SCOT's PF-WILLOW value), 1.0 (its SPair value)}: 12 candidates. The Lite0 +
 Lite2 full-precision exponent-0.5 candidate is round 2's preset (a check that
 nothing moved). eps and the exponent change no work, so they share their
-structure's timing. Lite1 needs the ``lite1`` extra.
+structure's timing.
 
 Protocol (``select``, the same for every round):
 

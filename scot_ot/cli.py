@@ -96,7 +96,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 #: model options whose default is the preset's value: argparse dest -> SCOT argument
 PRESET_FLAGS = {"backbone": "backbone", "ensemble": "ensemble", "hyperpixel_norm": "hyperpixel_norm",
-                "cost_precision": "cost_precision", "eps": "eps", "max_iter": "max_iter", "tol": "tol", "exponent": "exponent"}
+                "cost_precision": "cost_precision", "eps": "eps", "max_iter": "max_iter", "tol": "tol",
+                "exponent": "exponent"}
 
 
 def resolve_preset_defaults(args) -> None:
