@@ -67,7 +67,6 @@ from typing import Dict, List
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from common import RESULTS, load_average, machine, write_json  # first: puts the checkout on sys.path
 from tqdm.auto import tqdm
 
@@ -77,7 +76,7 @@ from scot_ot.datasets import load_pairs
 from scot_ot.evaluation.pck import pck_per_pair
 from scot_ot.evaluation.run import FeatureCache, versions
 from scot_ot.matching import SCOT, cosine_cost
-from scot_ot.matching.rhm import gaussian_filter, hough_bins
+from scot_ot.matching.rhm import hough_bins, rescore
 from scot_ot.matching.transfer import transfer_keypoints
 from scot_ot.plotting import pyplot, save_figure
 
@@ -133,12 +132,7 @@ class PairProblem:
 
     def rhm(self, votes: torch.Tensor) -> torch.Tensor:
         """:func:`scot_ot.matching.rhm.regularized_hough_matching` with this pair's cached bins."""
-        ny, nx = self.hough_shape
-        space = torch.zeros(ny * nx, dtype=votes.dtype, device=votes.device)
-        space.index_add_(0, self.bins.reshape(-1), votes.reshape(-1))
-        kernel = gaussian_filter(7).to(votes)
-        space = F.conv2d(space.view(1, 1, ny, nx), kernel[None, None], padding=3)
-        return votes.mul_(torch.take(space.view(-1), self.bins))  # (N, M), in place
+        return rescore(votes, self.bins, self.hough_shape)  # (N, M), in place
 
     def evaluate(self, plan: torch.Tensor, run: dict, exponent: float = 0.5) -> dict:
         """SCOT's post-processing + RHM on ``plan`` (N, M), then every metric; ``run`` is copied in."""

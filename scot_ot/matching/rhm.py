@@ -74,10 +74,18 @@ def regularized_hough_matching(
     ncells: int = 8192,
     filter_side: int = 7,
 ) -> torch.Tensor:
-    """Rescore the (N, M) match scores ``votes`` by smoothed Hough consensus."""
+    """Rescore the (N, M) match scores ``votes`` by smoothed Hough consensus, **in place**
+    (one N x M buffer fewer than a new result: the caller's scores are a fresh buffer)."""
     bins, ny, nx = hough_bins(src_centres, trg_centres, src_grid, trg_grid, src_size, trg_size, ncells)
+    return rescore(votes, bins, (ny, nx), filter_side)
+
+
+def rescore(votes: torch.Tensor, bins: torch.Tensor, shape: Tuple[int, int], filter_side: int = 7) -> torch.Tensor:
+    """:math:`V \\leftarrow V \\cdot (G * h)(\\mathrm{cell})` in place, given each match's Hough cell
+    ``bins`` (N, M) on a Hough grid of ``shape`` (ny, nx) (:func:`hough_bins`)."""
+    ny, nx = shape
     space = torch.zeros(ny * nx, dtype=votes.dtype, device=votes.device)
-    space.index_add_(0, bins.reshape(-1), votes.reshape(-1))
+    space.index_add_(0, bins.reshape(-1), votes.reshape(-1))  # h
     kernel = gaussian_filter(filter_side).to(votes)
-    space = F.conv2d(space.view(1, 1, ny, nx), kernel[None, None], padding=filter_side // 2)
-    return votes * torch.take(space.view(-1), bins)  # (N, M)
+    space = F.conv2d(space.view(1, 1, ny, nx), kernel[None, None], padding=filter_side // 2)  # G * h
+    return votes.mul_(torch.take(space.view(-1), bins))  # (N, M)

@@ -7,7 +7,7 @@
 3. cost ``C_ij = 1 - max(cos(x_i, y_j), 0)`` between L2-normalised hyperpixels;
 4. an OT plan from any registered solver (:func:`scot_ot.solve`);
 5. scores ``V = (N_s * P)_+ ^ exponent``, then regularised Hough matching
-   (:mod:`.rhm`);
+   (:mod:`.rhm`), optionally the soft mutual filter (:mod:`.mutual`, not SCOT's);
 6. per source hyperpixel, the target of highest score; keypoints are
    transferred through those matches (:mod:`.transfer`).
 
@@ -30,6 +30,7 @@ import torch
 from ..ot import OTResult, get_solver, solve
 from .hyperpixels import HYPERPIXEL_NORMS, HyperpixelExtractor, Hyperpixels
 from .image import ImageError, ImageLike, load_image, resize_longest
+from .mutual import soft_mutual_filter
 from .rhm import regularized_hough_matching
 from .transfer import TRANSFER_RULES, soft_offsets, transfer_keypoints
 
@@ -241,6 +242,9 @@ class SCOT:
     cost_precision : ``"full"`` (SCOT) or ``"bfloat16"``: the precision of the cost's
         matrix product (:func:`cosine_cost`: about 3.7 x faster on CPUs with
         AVX512-BF16, entries within 0.012 of the full product).
+    mutual_filter : rescore the final scores by the soft mutual nearest-neighbour
+        filter (:func:`.mutual.soft_mutual_filter`) before each source takes its best
+        target (not in SCOT).
 
     The defaults reproduce SCOT's official code; :meth:`preset` builds the named
     configurations of :data:`PRESETS`.
@@ -268,6 +272,7 @@ class SCOT:
         hyperpixel_norm: str = "joint",
         ensemble: Sequence[str] = (),
         cost_precision: str = "full",
+        mutual_filter: bool = False,
     ):
         from ..features import get_backbone
 
@@ -280,8 +285,9 @@ class SCOT:
             raise ValueError(f"image_side: must be an integer >= {MIN_SIDE}, got {image_side!r}")
         if transfer not in TRANSFER_RULES:
             raise ValueError(f"transfer: expected one of {', '.join(TRANSFER_RULES)}, got {transfer!r}")
-        if not isinstance(bidirectional, bool):
-            raise ValueError(f"bidirectional: expected True or False, got {bidirectional!r}")
+        for flag, value in (("bidirectional", bidirectional), ("mutual_filter", mutual_filter)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag}: expected True or False, got {value!r}")
         if hyperpixel_norm not in HYPERPIXEL_NORMS:
             raise ValueError(f"hyperpixel_norm: expected one of {', '.join(HYPERPIXEL_NORMS)}, "
                              f"got {hyperpixel_norm!r}")
@@ -305,6 +311,7 @@ class SCOT:
         self.transfer = transfer
         self.bidirectional = bidirectional
         self.cost_precision = cost_precision
+        self.mutual_filter = mutual_filter
         self.preset_name: Optional[str] = None
 
     @classmethod
@@ -337,7 +344,8 @@ class SCOT:
                 "image_side": self.image_side, "use_cam": self.extractor.use_cam, **self.ot_args,
                 "rhm": self.rhm, "exponent": self.exponent, "transfer": self.transfer,
                 "bidirectional": self.bidirectional, "hyperpixel_norm": self.extractor.norm,
-                "ensemble": [b.name for b in self.extractor.companions], "cost_precision": self.cost_precision}
+                "ensemble": [b.name for b in self.extractor.companions], "cost_precision": self.cost_precision,
+                "mutual_filter": self.mutual_filter}
 
     def with_solver(self, solver: str, **ot_args) -> "SCOT":
         """A copy that shares this model's backbone and features but solves OT differently.
@@ -406,7 +414,8 @@ class SCOT:
         scores are the geometric mean :math:`\\sqrt{S^{s \\to t}_{ij} \\, S^{t \\to s}_{ji}}`:
         a match both directions agree on keeps its score, one that only one direction
         favours loses it. ``plan`` and ``ot`` are the source-to-target ones; the timings
-        add both directions.
+        add both directions. With ``mutual_filter`` the final scores (of one direction or
+        both) are then rescored by :func:`.mutual.soft_mutual_filter` (timed with RHM).
         """
         timings = {"cost": 0.0, "ot": 0.0, "rhm": 0.0}
         C = self.cost(src, trg, timings)
@@ -414,11 +423,17 @@ class SCOT:
         if self.bidirectional:
             t = time.perf_counter()
             C_back = C.T.contiguous()  # (M, N): a copy, faster than computing it or solving on the view
+            del C  # the forward cost is no longer needed: one (N, M) buffer less at the peak
             timings["cost"] += time.perf_counter() - t
             _, back, _ = self.transport(C_back, trg, src, timings)
             del C_back
             t = time.perf_counter()
             scores = scores.mul_(back.T).sqrt_()  # (N, M)
+            timings["rhm"] += time.perf_counter() - t
+            del back
+        if self.mutual_filter:
+            t = time.perf_counter()
+            scores = soft_mutual_filter(scores)  # (N, M), in place
             timings["rhm"] += time.perf_counter() - t
         confidences, matches = scores.max(dim=1)
         return Correspondence(src, trg, plan, scores, matches, confidences, res, timings, self.transfer)
