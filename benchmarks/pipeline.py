@@ -44,7 +44,7 @@ def main() -> None:
     p.add_argument("--root", required=True)
     p.add_argument("--pairs", type=int, default=20)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--solver", default="pot-sinkhorn")
+    p.add_argument("--solver", default=None, help="default: the preset's")
     p.add_argument("--max-iter", type=int, default=1)
     p.add_argument("--preset", default="faithful", help="a SCOT.preset name")
     p.add_argument("--scot", default="{}", help="JSON object of SCOT arguments over the preset")
@@ -55,8 +55,9 @@ def main() -> None:
     all_pairs = list(load_pairs("pf-willow", args.root).pairs)
     step = max(1, len(all_pairs) // args.pairs)
     pairs = all_pairs[::step][: args.pairs]
-    model = SCOT.preset(args.preset, device=args.device, solver=args.solver, max_iter=args.max_iter,
-                        **json.loads(args.scot))
+    solver = {"solver": args.solver} if args.solver else {}
+    model = SCOT.preset(args.preset, device=args.device, max_iter=args.max_iter, **solver, **json.loads(args.scot))
+    args.solver = model.ot_args["solver"]
 
     rows = []
     for k, pair in enumerate(tqdm([pairs[0]] + pairs, desc="pairs", unit="pair")):

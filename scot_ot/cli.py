@@ -108,6 +108,8 @@ def resolve_preset_defaults(args) -> None:
     for dest, arg in PRESET_FLAGS.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, preset[arg])
+    if getattr(args, "solver", "") is None:  # match, demo, eval without --solver: the preset's solver
+        args.solver = preset["solver"]
 
 
 # ---------------------------------------------------------------------------- checks
@@ -365,7 +367,7 @@ def cmd_eval(args) -> int:
     elif args.device is None:
         args.device = "cpu"
     check_model_args(args)
-    solvers = args.solver or ["pot-sinkhorn"]
+    solvers = args.solver if isinstance(args.solver, list) else [args.solver]
     specs = check_solver_specs(solvers, args)
     for flag, value in (("--every", args.every), ("--limit", args.limit), ("--batch-size", args.batch_size)):
         if value is not None and value < 1:
@@ -731,7 +733,7 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("match", help="match two images and draw the correspondences")
     m.add_argument("src")
     m.add_argument("trg")
-    m.add_argument("--solver", default="pot-sinkhorn", help="NAME or NAME:key=value,...")
+    m.add_argument("--solver", default=None, help="NAME or NAME:key=value,... (default: the preset's)")
     m.add_argument("--keypoints", help="source keypoints: JSON [[x, y], ...] or two-column text/CSV; "
                    "the transferred keypoints are printed")
     m.add_argument("--kps-out", metavar="FILE.json", help="also write the transferred keypoints (JSON)")
@@ -741,7 +743,7 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_match)
 
     d = sub.add_parser("demo", help="match a bundled real image pair")
-    d.add_argument("--solver", default="pot-sinkhorn", help="NAME or NAME:key=value,...")
+    d.add_argument("--solver", default=None, help="NAME or NAME:key=value,... (default: the preset's)")
     d.add_argument("--out", default="demo.png",
                    help="the picture; its extension names the format (.png, .jpg, .pdf, .svg, ...)")
     add_model_args(d)
@@ -753,7 +755,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--solver", action="append",
                    help="NAME or NAME:key=value,... (e.g. torch-absorb:max_iter=1000,tol=1e-4); "
-                        "repeat to compare several")
+                        "repeat to compare several (default: the preset's solver)")
     e.add_argument("--every", type=int, default=1, help="keep every K-th pair (a fixed subsample)")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N (kept) pairs only")
     e.add_argument("--out", default=None, help="JSON file for the results, saved after every pair")

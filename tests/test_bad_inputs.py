@@ -375,6 +375,8 @@ API_CASES = [
             ("hyperpixel_norm", "joint, layer", "'l2'")),
     ApiCase("api-cost-precision-unknown", lambda d, m: SCOT(cost_precision="float16"), ValueError,
             ("cost_precision", "full, bfloat16", "'float16'")),
+    ApiCase("api-mutual-filter-not-bool", lambda d, m: SCOT(mutual_filter="yes"), ValueError,
+            ("mutual_filter", "True or False", "'yes'")),
     ApiCase("api-tol-negative", lambda d, m: SCOT(tol=-1), ValueError, ("tol",)),
     ApiCase("api-resume-not-an-object", lambda d, m: read_results(d / "resume-list.json"), ValueError,
             ("resume-list.json",)),

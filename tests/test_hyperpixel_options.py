@@ -154,7 +154,8 @@ def test_command_line_options_change_the_preset(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "build_model", spy)
     pair = sample_pair()
     cli_main(["match", str(pair.src_path), str(pair.trg_path), "--eps", "0.1", "--hyperpixel-norm", "layer",
-              "--cost-precision", "bfloat16", "--out", str(tmp_path / "m.png")])
+              "--cost-precision", "bfloat16", "--solver", "matrix-scaling", "--out", str(tmp_path / "m.png")])
     cfg = seen["model"].config()
     assert cfg["eps"] == 0.1 and cfg["hyperpixel_norm"] == "layer" and cfg["cost_precision"] == "bfloat16"
-    assert cfg["preset"] == "faithful (with cost_precision, eps, hyperpixel_norm changed)"
+    assert cfg["solver"] == "matrix-scaling"
+    assert cfg["preset"] == "faithful (with cost_precision, eps, hyperpixel_norm, solver changed)"

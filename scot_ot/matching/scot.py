@@ -86,11 +86,12 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
 #: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
 PRESETS: Dict[str, Dict[str, object]] = {
     "faithful": {},  # SCOT's official code (docs/fidelity.md)
-    # chosen by round 3 of the pre-registered study of docs/accuracy.md
-    # (benchmarks/results/accuracy/round3/accuracy.json): Lite0 + Lite1 + Lite2 hyperpixels at
-    # 400 px, the cost's product in bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs)
+    # chosen by round 4 of the pre-registered study of docs/accuracy.md
+    # (benchmarks/results/accuracy/round4/accuracy.json): Lite0 + Lite1 + Lite2 hyperpixels at
+    # 400 px, the cost's product in bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs), both
+    # directions, SCOT's one Sinkhorn iteration computed in place by matrix-scaling
     "accurate": {"image_side": 400, "ensemble": ("efficientnet-lite1", "efficientnet-lite2"),
-                 "cost_precision": "bfloat16"},
+                 "cost_precision": "bfloat16", "bidirectional": True, "solver": "matrix-scaling"},
 }
 
 
@@ -423,7 +424,6 @@ class SCOT:
         if self.bidirectional:
             t = time.perf_counter()
             C_back = C.T.contiguous()  # (M, N): a copy, faster than computing it or solving on the view
-            del C  # the forward cost is no longer needed: one (N, M) buffer less at the peak
             timings["cost"] += time.perf_counter() - t
             _, back, _ = self.transport(C_back, trg, src, timings)
             del C_back
