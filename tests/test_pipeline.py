@@ -10,7 +10,8 @@ from PIL import Image
 from scot_ot.data import sample_pair
 from scot_ot.matching import SCOT, ImageError, cosine_cost, load_image
 from scot_ot.matching.cam import staircase
-from scot_ot.matching.rhm import gaussian_filter, hough_bins, regularized_hough_matching
+from scot_ot.matching import rhm
+from scot_ot.matching.rhm import gaussian_filter, hough_bins, regularized_hough_matching, rescore
 from scot_ot.matching.transfer import transfer_keypoints
 
 
@@ -85,6 +86,25 @@ def test_hough_bins_equal_brute_force(seed):
     off = torch.tensor(src_size, dtype=torch.float32) - sc[:, None] + tc[None]
     ref = (off[..., 1] / cell).floor().long().clamp(0, ny - 1) * nx + (off[..., 0] / cell).floor().long().clamp(0, nx - 1)
     assert torch.equal(bins, ref)
+
+
+@pytest.mark.parametrize("block", [1, 37, 10**9])
+def test_blocked_rhm_equals_rhm_on_the_whole_cell_table(block, monkeypatch):
+    """Blocks of source rows (one match, a few rows with a ragged last block, everything at once)
+    give the votes of :func:`rescore` on all of :func:`hough_bins` (float64: the sums' order aside)."""
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    hs, ws, ht, wt = (int(v) for v in torch.randint(3, 12, (4,), generator=g))
+    sc, tc = _grid(hs, ws, 4.0, 1.5), _grid(ht, wt, 4.0, 0.5)
+    args = (sc, tc, (hs, ws), (ht, wt), (4 * ws, 4 * hs), (4 * wt, 4 * ht))
+    votes = torch.rand(hs * ws, ht * wt, generator=g, dtype=torch.float64)
+    bins, ny, nx = hough_bins(*args, ncells=64)
+    want = rescore(votes.clone(), bins, (ny, nx))
+    monkeypatch.setattr(rhm, "BLOCK_ENTRIES", block)
+    v = votes.clone()
+    got = regularized_hough_matching(v, *args, ncells=64)
+    assert got.data_ptr() == v.data_ptr()  # in place
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    assert not torch.allclose(got, votes)  # it did rescore
 
 
 def test_gaussian_filter_normalised_and_symmetric():
