@@ -86,12 +86,13 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
 #: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
 PRESETS: Dict[str, Dict[str, object]] = {
     "faithful": {},  # SCOT's official code (docs/fidelity.md)
-    # chosen by round 4 of the pre-registered study of docs/accuracy.md
+    # chosen by round 4 of the study of docs/accuracy.md, re-timed with the blocked RHM
     # (benchmarks/results/accuracy/round4/accuracy.json): Lite0 + Lite1 + Lite2 hyperpixels at
     # 400 px, the cost's product in bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs), both
-    # directions, SCOT's one Sinkhorn iteration computed in place by matrix-scaling
+    # directions, the soft mutual filter, SCOT's one Sinkhorn iteration computed in place by matrix-scaling
     "accurate": {"image_side": 400, "ensemble": ("efficientnet-lite1", "efficientnet-lite2"),
-                 "cost_precision": "bfloat16", "bidirectional": True, "solver": "matrix-scaling"},
+                 "cost_precision": "bfloat16", "bidirectional": True, "mutual_filter": True,
+                 "solver": "matrix-scaling"},
 }
 
 
