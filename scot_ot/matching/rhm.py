@@ -71,18 +71,11 @@ def cells(row: torch.Tensor, col: torch.Tensor, rows: slice = slice(None)) -> to
     return (r[:, None, :, None] + col[None, :, None, :]).reshape(r.shape[0] * col.shape[0], -1)  # (R, ws, ht, wt)
 
 
-def hough_bins(
-    src_centres: torch.Tensor,
-    trg_centres: torch.Tensor,
-    src_grid: Tuple[int, int],
-    trg_grid: Tuple[int, int],
-    src_size: Tuple[int, int],
-    trg_size: Tuple[int, int],
-    ncells: int = 8192,
-) -> Tuple[torch.Tensor, int, int]:
-    """Flat Hough-cell index of every offset (N, M), and the Hough grid size (ny, nx)
-    (:func:`hough_tables`; for a cache of one pair's cells, :func:`rescore`)."""
-    row, col, ny, nx = hough_tables(src_centres, trg_centres, src_grid, trg_grid, src_size, trg_size, ncells)
+def hough_bins(*geometry, ncells: int = 8192) -> Tuple[torch.Tensor, int, int]:
+    """Flat Hough-cell index of every offset (N, M), and the Hough grid size (ny, nx);
+    ``geometry`` is :func:`hough_tables`'s (centres, grids, image sizes). For a cache of
+    one pair's cells (:func:`rescore`)."""
+    row, col, ny, nx = hough_tables(*geometry, ncells=ncells)
     return cells(row, col), ny, nx
 
 
