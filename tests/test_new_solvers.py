@@ -16,7 +16,7 @@ import numpy as np
 import ot
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import random_problems
@@ -137,6 +137,7 @@ def test_partial_plans_stay_below_the_marginals_and_move_the_mass(seed, n, m, fr
 
 @FEW
 @given(seed=seeds, n=sizes, m=sizes)
+@example(seed=145613, n=10, m=6)  # the slow case below
 def test_exact_partial_equals_pot_and_small_eps_approaches_it(seed, n, m):
     g = gen(seed)
     C, a, b = cosine_cost(g, n, m), marginal(g, n), marginal(g, m)
@@ -144,7 +145,9 @@ def test_exact_partial_equals_pot_and_small_eps_approaches_it(seed, n, m):
     P = ot.partial.partial_wasserstein(a.numpy(), b.numpy(), C.numpy(), m=0.5)
     assert r.converged and r.n_iters == 1 and l1(r.plan, torch.from_numpy(P)) < 1e-12
     exact = float((C * r.plan).sum())
-    small = solve(C, a, b, solver="partial", eps=2e-3, mass=0.5, max_iter=50_000, tol=1e-9)
+    # at eps 2e-3 the dual ascent can stall near an active-set switch: seed 145613 (n=10, m=6)
+    # sits at error 2.2e-5 for ~89 000 iterations, then converges to 1e-16
+    small = solve(C, a, b, solver="partial", eps=2e-3, mass=0.5, max_iter=200_000, tol=1e-9)
     assert small.converged
     gap = float((C * small.plan).sum()) - exact
     assert -1e-9 <= gap <= 2e-3 * 0.5 * (1 + math.log(n * m))  # entropic excess <= eps m (1 + log nm)
