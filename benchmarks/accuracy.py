@@ -37,6 +37,16 @@ direction, no filter candidate is round 3's preset with that solver: its per-pai
 must repeat round 3's up to argmax ties broken by float rounding (the number of
 pairs that differ is reported).
 
+Round 5 (fixed after round 4, before any of its runs; ``CANDIDATES[5]``): the keypoint
+transfer. Round 4's pick (400 px, Lite0 + Lite1 + Lite2, joint norm, eps 0.05, one
+Sinkhorn iteration by matrix-scaling, bfloat16 cost, exponent 0.5, both directions,
+soft mutual filter) with the transfer's vote {mean (SCOT), coordinate-wise median} x
+its voting boxes scaled by {0.5, 1 (SCOT), 2, 3}, plus the nearest hyperpixel alone
+(scale 0, where mean and median agree): 9 candidates, one structure. The mean at
+scale 1 is round 4's pick: its per-pair PCK must repeat round 4's up to argmax ties
+broken by the thread count (this unit runs with two threads; the number of pairs that
+differ is reported).
+
 Protocol (``select``, the same for every round):
 
 1. every candidate runs on all 360 PF-WILLOW-dev pairs (per-pair PCK at 0.05 /
@@ -69,8 +79,11 @@ Run (one worker per unit, two at a time; then the timings alone; then the select
     python benchmarks/accuracy.py --round 4 --unit side400-lite0+lite2-joint   # ... each unit, two at a time
     python benchmarks/accuracy.py --round 4 --timing --select
 
+    python benchmarks/accuracy.py --round 5 --unit side400-lite0+lite1+lite2-joint --threads 2
+    python benchmarks/accuracy.py --round 5 --timing --select
+
 Records: round 1 in ``benchmarks/results/accuracy/`` (``side-<S>.json``,
-``pipeline-*.json``, ``accuracy.json``), rounds 2 to 4 in ``benchmarks/results/accuracy/round<R>/``.
+``pipeline-*.json``, ``accuracy.json``), rounds 2 to 5 in ``benchmarks/results/accuracy/round<R>/``.
 """
 
 from __future__ import annotations
@@ -85,7 +98,7 @@ from typing import Dict, List, Tuple
 from common import RESULTS, machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "PF-WILLOW-dev"
-OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4)}}
+OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5)}}
 TIME_BUDGET_S = 2.0
 MEMORY_BUDGET_MB = 4096
 ALPHAS = ("0.05", "0.1", "0.15")
@@ -132,8 +145,20 @@ def _round4() -> Dict[str, dict]:
         for e in ("lite0+lite2", "lite0+lite1+lite2") for b in (False, True) for m in (False, True)}
 
 
+def _round5() -> Dict[str, dict]:
+    pick = {"image_side": 400, "ensemble": ENSEMBLES["lite0+lite1+lite2"], "hyperpixel_norm": "joint", "eps": 0.05,
+            "cost_precision": "bfloat16", "exponent": 0.5, "solver": "matrix-scaling", "mutual_filter": True,
+            "bidirectional": True}
+    stem = "side400-lite0+lite1+lite2-joint-eps0.05-bfloat16-exp0.5-matrix-scaling-mutual"
+    out = {f"{stem}-nearest-bi": {**pick, "transfer": "scot", "transfer_box": 0.0}}
+    for rule, vote in (("scot", "mean"), ("median", "median")):
+        for box in (0.5, 1.0, 2.0, 3.0):
+            out[f"{stem}-{vote}-box{box:g}-bi"] = {**pick, "transfer": rule, "transfer_box": box}
+    return out
+
+
 #: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
-CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4()}
+CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5()}
 
 
 def unit_of(config: dict) -> str:
@@ -175,10 +200,10 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
 
     names = units(rnd)[unit]
     configs = [CANDIDATES[rnd][n] for n in names]
-    varied = ("transfer", "bidirectional", "eps", "cost_precision", "exponent", "mutual_filter")
+    varied = ("transfer", "transfer_box", "bidirectional", "eps", "cost_precision", "exponent", "mutual_filter")
     base = {k: v for k, v in configs[0].items() if k not in varied}
     directions = sorted({c["bidirectional"] for c in configs})
-    rules = sorted({c["transfer"] for c in configs})
+    rules = sorted({(c["transfer"], c.get("transfer_box", 1.0)) for c in configs})
     filters = sorted({c.get("mutual_filter", False) for c in configs})
     # what the plan and the scores depend on: (cost precision, eps, exponent), the cost once per precision
     settings = sorted({(c.get("cost_precision", "full"), c.get("eps", 0.05), c.get("exponent", 0.5))
@@ -230,15 +255,16 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
             for bi, mutual in ((b, m) for b in directions for m in filters):
                 final = soft_mutual_filter(scores[bi].clone()) if mutual else scores[bi]
                 conf, matches = final.max(dim=1)
-                for rule in rules:
+                for rule, box in rules:
                     name = next((n for n, c in zip(names, configs) if c["bidirectional"] == bi
-                                 and c["transfer"] == rule and c.get("eps", 0.05) == eps
+                                 and c["transfer"] == rule and c.get("transfer_box", 1.0) == box
+                                 and c.get("eps", 0.05) == eps
                                  and c.get("cost_precision", "full") == prec
                                  and c.get("exponent", 0.5) == exponent
                                  and c.get("mutual_filter", False) == mutual), None)
                     if name is None:
                         continue
-                    corr = Correspondence(hs, ht, plan, final, matches, conf, res, {}, rule)
+                    corr = Correspondence(hs, ht, plan, final, matches, conf, res, {}, rule, box)
                     t = time.perf_counter()
                     pred = corr.transfer(pair.src_kps).numpy()
                     transfer_s = time.perf_counter() - t
@@ -270,7 +296,8 @@ def run_timing(rnd: int, out_dir: Path, pairs: int = 20) -> None:
         if name in done:
             continue
         done.add(name)
-        scot = {k: v for k, v in config.items() if k not in ("transfer", "eps", "exponent", "solver")}  # same work
+        scot = {k: v for k, v in config.items()
+                if k not in ("transfer", "transfer_box", "eps", "exponent", "solver")}  # same work
         subprocess.run([sys.executable, str(here / "pipeline.py"), "--root", str(DATA), "--pairs", str(pairs),
                         "--solver", config.get("solver", "pot-sinkhorn"),
                         "--scot", json.dumps(scot), "--out", str(out_dir / f"pipeline-{name}.json")], check=True)
@@ -292,7 +319,7 @@ def candidate_table(rnd: int, records: List[dict], timings: Dict[str, dict]) -> 
                 c["transfer_s"].append(r["transfer_s"])
     scot_transfer = {}
     for name, c in out.items():
-        if c["config"]["transfer"] == "scot":
+        if c["config"]["transfer"] == "scot" and c["config"].get("transfer_box", 1.0) == 1.0:  # the pipeline's
             scot_transfer[structure(c["config"])] = statistics.mean(c["transfer_s"])
     for c in out.values():
         ps = list(c["pairs"].values())

@@ -32,7 +32,7 @@ from .hyperpixels import HYPERPIXEL_NORMS, HyperpixelExtractor, Hyperpixels
 from .image import ImageError, ImageLike, load_image, resize_longest
 from .mutual import soft_mutual_filter
 from .rhm import regularized_hough_matching
-from .transfer import TRANSFER_RULES, soft_offsets, transfer_keypoints
+from .transfer import TRANSFER_RULES, median_transfer, soft_offsets, transfer_keypoints
 
 #: the smallest image side (after resizing) the stride-32 backbones accept
 MIN_SIDE = 32
@@ -107,6 +107,15 @@ def _same_value(a, b) -> bool:
 COMMON_OT_ARGS = ("eps", "max_iter", "tol", "check_every", "reg_m")
 
 
+def check_number(name: str, value, above: Optional[float] = None, at_least: Optional[float] = None) -> None:
+    """ValueError naming ``name`` unless ``value`` is a finite real number (not a bool) ``> above`` / ``>= at_least``."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and np.isfinite(value) and (above is None or value > above) and (at_least is None or value >= at_least)
+    if not ok:
+        bound = f"> {above:g}" if above is not None else f">= {at_least:g}"
+        raise ValueError(f"{name}: must be a finite number {bound}, got {value!r}")
+
+
 def check_ensemble(backbone: str, ensemble) -> Tuple[str, ...]:
     """``ensemble`` as a tuple of backbone names, or ValueError (not a list of known, distinct names)."""
     from ..features import available_backbones
@@ -177,7 +186,8 @@ class Correspondence:
     RHM-rescored plan; ``matches`` (N,) the best target hyperpixel of each source
     hyperpixel and ``confidences`` (N,) its score. Coordinates of boxes/centres are
     in resized pixels; :meth:`transfer` works in original pixels, with the keypoint
-    transfer rule ``transfer_rule`` (one of :data:`.transfer.TRANSFER_RULES`).
+    transfer rule ``transfer_rule`` (one of :data:`.transfer.TRANSFER_RULES`) and its
+    voting boxes scaled by ``transfer_box`` (:func:`.transfer.voters`).
     """
 
     src: Hyperpixels
@@ -189,6 +199,7 @@ class Correspondence:
     ot: OTResult
     timings: Dict[str, float] = field(default_factory=dict)
     transfer_rule: str = "scot"
+    transfer_box: float = 1.0
 
     def transfer(self, keypoints) -> torch.Tensor:
         """Map (K, 2) xy keypoints of the original source image to the original target image.
@@ -206,13 +217,16 @@ class Correspondence:
         src_scale = torch.tensor(self.src.scale, dtype=torch.float32)  # (2,) = (r_s, r_s)
         trg_scale = torch.tensor(self.trg.scale, dtype=torch.float32)  # (2,) = (r_t, r_t)
         matches = self.matches.cpu()
+        src_boxes, trg_boxes = self.src.boxes.cpu(), self.trg.boxes.cpu()
+        if self.transfer_rule == "median":
+            return median_transfer(kps * src_scale, src_boxes, trg_boxes, matches, self.transfer_box) / trg_scale
         weights = offsets = None
         if self.transfer_rule in ("weighted", "soft"):
             weights = self.confidences.detach().cpu()
         if self.transfer_rule == "soft":
             offsets = soft_offsets(self.scores.detach().cpu(), matches, self.trg.centres.cpu(), self.trg.grid)
-        moved = transfer_keypoints(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(), matches,
-                                   weights, offsets)  # (K, 2), resized target pixels
+        moved = transfer_keypoints(kps * src_scale, src_boxes, trg_boxes, matches, weights, offsets,
+                                   self.transfer_box)  # (K, 2), resized target pixels
         return moved / trg_scale
 
 
@@ -233,6 +247,9 @@ class SCOT:
     image_side : longest image side after resizing.
     transfer : keypoint transfer rule, one of :data:`.transfer.TRANSFER_RULES`
         (``"scot"``: SCOT's equal votes).
+    transfer_box : the voting boxes are the hyperpixels' receptive fields scaled by this
+        factor about their centres (1: SCOT's; 0: the nearest hyperpixel alone;
+        :func:`.transfer.voters`).
     bidirectional : also match target to source and keep the geometric mean of both
         directions' scores (:meth:`match_hyperpixels`).
     hyperpixel_norm : ``"joint"`` (SCOT: one L2 norm over all layers) or ``"layer"``
@@ -270,6 +287,7 @@ class SCOT:
         exponent: float = 0.5,
         image_side: int = 300,
         transfer: str = "scot",
+        transfer_box: float = 1.0,
         bidirectional: bool = False,
         hyperpixel_norm: str = "joint",
         ensemble: Sequence[str] = (),
@@ -281,12 +299,12 @@ class SCOT:
         ot_args = dict(eps=eps, max_iter=max_iter, tol=tol, check_every=check_every, reg_m=reg_m,
                        **(solver_options or {}))
         check_ot_args(solver, **ot_args)  # every argument checked before any work
-        if isinstance(exponent, (bool, str)) or not 0 < float(exponent) < float("inf"):
-            raise ValueError(f"exponent: must be a finite number > 0, got {exponent!r}")
+        check_number("exponent", exponent, above=0.0)
         if not isinstance(image_side, int) or isinstance(image_side, bool) or image_side < MIN_SIDE:
             raise ValueError(f"image_side: must be an integer >= {MIN_SIDE}, got {image_side!r}")
         if transfer not in TRANSFER_RULES:
             raise ValueError(f"transfer: expected one of {', '.join(TRANSFER_RULES)}, got {transfer!r}")
+        check_number("transfer_box", transfer_box, at_least=0.0)
         for flag, value in (("bidirectional", bidirectional), ("mutual_filter", mutual_filter)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag}: expected True or False, got {value!r}")
@@ -311,6 +329,7 @@ class SCOT:
         self.exponent = exponent
         self.image_side = image_side
         self.transfer = transfer
+        self.transfer_box = float(transfer_box)
         self.bidirectional = bidirectional
         self.cost_precision = cost_precision
         self.mutual_filter = mutual_filter
@@ -345,6 +364,7 @@ class SCOT:
         return {"preset": self.preset_name, "backbone": self.backbone.name, "layers": list(self.extractor.layers),
                 "image_side": self.image_side, "use_cam": self.extractor.use_cam, **self.ot_args,
                 "rhm": self.rhm, "exponent": self.exponent, "transfer": self.transfer,
+                "transfer_box": self.transfer_box,
                 "bidirectional": self.bidirectional, "hyperpixel_norm": self.extractor.norm,
                 "ensemble": [b.name for b in self.extractor.companions], "cost_precision": self.cost_precision,
                 "mutual_filter": self.mutual_filter}
@@ -437,7 +457,8 @@ class SCOT:
             scores = soft_mutual_filter(scores)  # (N, M), in place
             timings["rhm"] += time.perf_counter() - t
         confidences, matches = scores.max(dim=1)
-        return Correspondence(src, trg, plan, scores, matches, confidences, res, timings, self.transfer)
+        return Correspondence(src, trg, plan, scores, matches, confidences, res, timings, self.transfer,
+                              self.transfer_box)
 
     def cost(self, src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]) -> torch.Tensor:
         """SCOT's step 3: the (N, M) cosine cost (:func:`cosine_cost` at ``cost_precision``),

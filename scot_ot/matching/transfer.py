@@ -1,24 +1,33 @@
-"""Keypoint transfer through hyperpixel matches: SCOT's rule and two refinements.
+r"""Keypoint transfer through hyperpixel matches: SCOT's rule and its refinements.
 
-For a source keypoint ``k``, let ``S(k)`` be the source receptive-field boxes that
-contain it and ``j(i)`` the matched target hyperpixel of source hyperpixel ``i``.
-Every box in ``S(k)`` votes for a position, and the votes are averaged:
+For a source keypoint ``k``, let ``S(k)`` be the source boxes that contain it and
+``j(i)`` the matched target hyperpixel of source hyperpixel ``i``. Every box in
+``S(k)`` votes for the position :math:`v_i = \mathrm{corner}^t_{j(i)} + \delta_i + k -
+\mathrm{corner}^s_i` (``corner``: the top-left corner of a box), and the votes are
+averaged:
 
-.. math:: \\hat k = \\frac{\\sum_{i \\in S(k)} w_i \\big(\\mathrm{corner}^t_{j(i)} + \\delta_i
-    + k - \\mathrm{corner}^s_i\\big)}{\\sum_{i \\in S(k)} w_i}
+.. math:: \hat k = \frac{\sum_{i \in S(k)} w_i v_i}{\sum_{i \in S(k)} w_i}
 
-with ``corner`` the top-left corner of a box. The rules (:data:`TRANSFER_RULES`):
+The rules (:data:`TRANSFER_RULES`):
 
-- ``"scot"`` (SCOT / HPF): equal votes :math:`w_i = 1`, no refinement :math:`\\delta_i = 0`;
+- ``"scot"`` (SCOT / HPF): equal votes :math:`w_i = 1`, no refinement :math:`\delta_i = 0`;
 - ``"weighted"``: each vote weighs its match's score, :math:`w_i = s_{i j(i)}` (the
   confidence after RHM), so unsure matches count less; a keypoint whose boxes all
   have score 0 falls back to equal votes;
-- ``"soft"``: ``"weighted"`` plus a sub-hyperpixel refinement :math:`\\delta_i`, the
+- ``"soft"``: ``"weighted"`` plus a sub-hyperpixel refinement :math:`\delta_i`, the
   kernel soft-argmax of row ``i`` of the scores over the 3 x 3 target cells around
-  :math:`j(i)` (:func:`soft_offsets`).
+  :math:`j(i)` (:func:`soft_offsets`);
+- ``"median"``: equal votes, no refinement, and the coordinate-wise median of the
+  votes instead of their mean, :math:`\hat k_x = \mathrm{median}_{i \in S(k)} v_{i,x}`
+  (the same for ``y``; the mean of the two middle votes for an even count): while
+  fewer than half of the boxes are matched to a wrong part, the wrong votes cannot
+  pull the keypoint off the others (:func:`median_transfer`).
 
-A keypoint that no box contains (possible only at the very border with small
-receptive fields) uses the box whose centre is nearest instead.
+The boxes are the hyperpixels' receptive fields (SCOT), scaled about their centres
+by ``box_scale`` (:func:`voters`): above 1 more, farther hyperpixels vote, below 1
+fewer and nearer ones. A keypoint that no box contains (at the very border, or any
+keypoint with ``box_scale = 0``) uses the box whose centre is nearest instead: scale 0
+is the nearest-hyperpixel transfer.
 """
 
 from __future__ import annotations
@@ -28,29 +37,39 @@ from typing import Optional, Tuple
 import torch
 
 #: the keypoint transfer rules :meth:`scot_ot.matching.Correspondence.transfer` knows
-TRANSFER_RULES = ("scot", "weighted", "soft")
+TRANSFER_RULES = ("scot", "weighted", "soft", "median")
+
+
+def voters(kps: torch.Tensor, src_boxes: torch.Tensor, box_scale: float = 1.0) -> torch.Tensor:
+    """(K, N) bool: ``S(k)``, the source boxes (scaled by ``box_scale`` about their centres) containing each keypoint.
+
+    A box ``x0 y0 x1 y1`` with centre ``c`` scaled by ``s`` is ``c -+ s (x1 - x0, y1 - y0) / 2``,
+    borders included. A keypoint in no box gets the box whose centre is nearest (on a tie,
+    the first).
+    """
+    centres = (src_boxes[:, :2] + src_boxes[:, 2:]) / 2  # (N, 2)
+    half = box_scale * (src_boxes[:, 2:] - src_boxes[:, :2]) / 2  # (N, 2)
+    lo, hi = centres - half, centres + half
+    kx, ky = kps[:, 0:1], kps[:, 1:2]  # (K, 1)
+    inside = (kx >= lo[None, :, 0]) & (ky >= lo[None, :, 1]) & (kx <= hi[None, :, 0]) & (ky <= hi[None, :, 1])
+    nearest = torch.cdist(kps, centres).argmin(dim=1)  # (K,)
+    none = ~inside.any(dim=1)
+    inside[none, nearest[none]] = True
+    return inside
 
 
 def transfer_keypoints(
     kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
-    weights: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None,
+    weights: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None, box_scale: float = 1.0,
 ) -> torch.Tensor:
-    """Transfer (K, 2) xy keypoints; boxes are (N, 4)/(M, 4) x0 y0 x1 y1, ``matches`` (N,) target ids.
+    """Transfer (K, 2) xy keypoints by the weighted mean of the votes; boxes are (N, 4)/(M, 4)
+    x0 y0 x1 y1, ``matches`` (N,) target ids.
 
     ``weights`` (N,) >= 0: each source's vote (None: equal votes, SCOT's rule);
     ``offsets`` (N, 2): the refinement :math:`\\delta_i` added to each matched target
-    position (None: none).
+    position (None: none); ``box_scale``: the voting boxes (:func:`voters`).
     """
-    kx, ky = kps[:, 0:1], kps[:, 1:2]  # (K, 1)
-    inside = (
-        (kx >= src_boxes[None, :, 0]) & (ky >= src_boxes[None, :, 1])
-        & (kx <= src_boxes[None, :, 2]) & (ky <= src_boxes[None, :, 3])
-    )  # (K, N)
-    centres = (src_boxes[:, :2] + src_boxes[:, 2:]) / 2  # (N, 2)
-    nearest = torch.cdist(kps, centres).argmin(dim=1)  # (K,)
-    none = ~inside.any(dim=1)
-    inside[none, nearest[none]] = True
-    w = inside.to(kps.dtype)  # (K, N)
+    w = voters(kps, src_boxes, box_scale).to(kps.dtype)  # (K, N)
     if weights is not None:
         weighted = w * weights.to(kps.dtype)[None, :]
         w = torch.where(weighted.sum(dim=1, keepdim=True) > 0, weighted, w)  # all-zero votes: equal votes
@@ -58,6 +77,28 @@ def transfer_keypoints(
     if offsets is not None:
         shift = shift + offsets.to(shift.dtype)
     return kps + (w @ shift) / w.sum(dim=1, keepdim=True)  # (K, 2)
+
+
+#: at most this many entries per :func:`torch.nanquantile` call (its input has a size limit)
+MEDIAN_BLOCK = 1 << 22
+
+
+def median_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
+                    box_scale: float = 1.0) -> torch.Tensor:
+    """Transfer (K, 2) xy keypoints by the coordinate-wise median of the votes (the ``"median"`` rule).
+
+    :math:`\\hat k = k + \\mathrm{median}_{i \\in S(k)} (\\mathrm{corner}^t_{j(i)} - \\mathrm{corner}^s_i)`
+    per coordinate, the median of an even count being the mean of the two middle votes.
+    """
+    inside = voters(kps, src_boxes, box_scale)  # (K, N)
+    shift = trg_boxes[matches, :2] - src_boxes[:, :2]  # (N, 2)
+    step = max(1, MEDIAN_BLOCK // (2 * len(shift)))
+    out = []
+    for start in range(0, len(kps), step):
+        mask = inside[start:start + step, :, None]  # (k, N, 1)
+        votes = torch.where(mask, shift[None], torch.full((), float("nan"), dtype=shift.dtype))  # (k, N, 2)
+        out.append(torch.nanquantile(votes, 0.5, dim=1))  # (k, 2)
+    return kps + torch.cat(out).to(kps.dtype)
 
 
 def soft_offsets(scores: torch.Tensor, matches: torch.Tensor, trg_centres: torch.Tensor,
