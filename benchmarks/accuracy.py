@@ -47,6 +47,13 @@ scale 1 is round 4's pick: its per-pair PCK must repeat round 4's up to argmax t
 broken by the thread count (this unit runs with two threads; the number of pairs that
 differ is reported).
 
+Round 6 (fixed after round 5, before any of its runs; ``CANDIDATES[6]``): round 5's
+larger voting boxes and median gained at alpha 0.10 and lost at 0.05. The
+``consensus`` rule (the median of the boxes scaled by 2s locates the keypoint, the
+mean of the boxes scaled by s whose votes agree with it places it) at s in {0.5, 1,
+1.5, 2}, next to round 5's pick (median, boxes x 2) and round 4's (mean, boxes x 1):
+6 candidates, the same structure.
+
 Protocol (``select``, the same for every round):
 
 1. every candidate runs on all 360 PF-WILLOW-dev pairs (per-pair PCK at 0.05 /
@@ -82,8 +89,11 @@ Run (one worker per unit, two at a time; then the timings alone; then the select
     python benchmarks/accuracy.py --round 5 --unit side400-lite0+lite1+lite2-joint --threads 2
     python benchmarks/accuracy.py --round 5 --timing --select
 
+    python benchmarks/accuracy.py --round 6 --unit side400-lite0+lite1+lite2-joint --threads 2
+    python benchmarks/accuracy.py --round 6 --timing --select
+
 Records: round 1 in ``benchmarks/results/accuracy/`` (``side-<S>.json``,
-``pipeline-*.json``, ``accuracy.json``), rounds 2 to 5 in ``benchmarks/results/accuracy/round<R>/``.
+``pipeline-*.json``, ``accuracy.json``), rounds 2 to 6 in ``benchmarks/results/accuracy/round<R>/``.
 """
 
 from __future__ import annotations
@@ -98,7 +108,7 @@ from typing import Dict, List, Tuple
 from common import RESULTS, machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "PF-WILLOW-dev"
-OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5)}}
+OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5, 6)}}
 TIME_BUDGET_S = 2.0
 MEMORY_BUDGET_MB = 4096
 ALPHAS = ("0.05", "0.1", "0.15")
@@ -145,20 +155,31 @@ def _round4() -> Dict[str, dict]:
         for e in ("lite0+lite2", "lite0+lite1+lite2") for b in (False, True) for m in (False, True)}
 
 
-def _round5() -> Dict[str, dict]:
-    pick = {"image_side": 400, "ensemble": ENSEMBLES["lite0+lite1+lite2"], "hyperpixel_norm": "joint", "eps": 0.05,
+#: round 4's pick without its transfer rule (the structure rounds 5 and 6 transfer through), and its name's stem
+MATCHING = {"image_side": 400, "ensemble": ENSEMBLES["lite0+lite1+lite2"], "hyperpixel_norm": "joint", "eps": 0.05,
             "cost_precision": "bfloat16", "exponent": 0.5, "solver": "matrix-scaling", "mutual_filter": True,
             "bidirectional": True}
-    stem = "side400-lite0+lite1+lite2-joint-eps0.05-bfloat16-exp0.5-matrix-scaling-mutual"
-    out = {f"{stem}-nearest-bi": {**pick, "transfer": "scot", "transfer_box": 0.0}}
-    for rule, vote in (("scot", "mean"), ("median", "median")):
-        for box in (0.5, 1.0, 2.0, 3.0):
-            out[f"{stem}-{vote}-box{box:g}-bi"] = {**pick, "transfer": rule, "transfer_box": box}
-    return out
+STEM = "side400-lite0+lite1+lite2-joint-eps0.05-bfloat16-exp0.5-matrix-scaling-mutual"
+#: the transfer rules' names in candidate names
+VOTE = {"scot": "mean", "median": "median", "consensus": "consensus"}
+
+
+def _transfers(rules: List[Tuple[str, float]]) -> Dict[str, dict]:
+    return {f"{STEM}-{VOTE[rule]}-box{box:g}-bi": {**MATCHING, "transfer": rule, "transfer_box": box}
+            for rule, box in rules}
+
+
+def _round5() -> Dict[str, dict]:
+    return {f"{STEM}-nearest-bi": {**MATCHING, "transfer": "scot", "transfer_box": 0.0},
+            **_transfers([(rule, box) for rule in ("scot", "median") for box in (0.5, 1.0, 2.0, 3.0)])}
+
+
+def _round6() -> Dict[str, dict]:
+    return _transfers([("scot", 1.0), ("median", 2.0)] + [("consensus", box) for box in (0.5, 1.0, 1.5, 2.0)])
 
 
 #: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
-CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5()}
+CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5(), 6: _round6()}
 
 
 def unit_of(config: dict) -> str:

@@ -32,7 +32,7 @@ from .hyperpixels import HYPERPIXEL_NORMS, HyperpixelExtractor, Hyperpixels
 from .image import ImageError, ImageLike, load_image, resize_longest
 from .mutual import soft_mutual_filter
 from .rhm import regularized_hough_matching
-from .transfer import TRANSFER_RULES, median_transfer, soft_offsets, transfer_keypoints
+from .transfer import TRANSFER_RULES, consensus_transfer, median_transfer, soft_offsets, transfer_keypoints
 
 #: the smallest image side (after resizing) the stride-32 backbones accept
 MIN_SIDE = 32
@@ -86,13 +86,13 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
 #: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
 PRESETS: Dict[str, Dict[str, object]] = {
     "faithful": {},  # SCOT's official code (docs/fidelity.md)
-    # chosen by round 4 of the study of docs/accuracy.md, re-timed with the blocked RHM
-    # (benchmarks/results/accuracy/round4/accuracy.json): Lite0 + Lite1 + Lite2 hyperpixels at
-    # 400 px, the cost's product in bfloat16 (fast on CPUs with AVX512-BF16 and on GPUs), both
-    # directions, the soft mutual filter, SCOT's one Sinkhorn iteration computed in place by matrix-scaling
+    # chosen by round 5 of the study of docs/accuracy.md (benchmarks/results/accuracy/round5/accuracy.json):
+    # Lite0 + Lite1 + Lite2 hyperpixels at 400 px, the cost's product in bfloat16 (fast on CPUs with
+    # AVX512-BF16 and on GPUs), both directions, the soft mutual filter, SCOT's one Sinkhorn iteration
+    # computed in place by matrix-scaling, keypoints moved by the median vote of boxes twice SCOT's size
     "accurate": {"image_side": 400, "ensemble": ("efficientnet-lite1", "efficientnet-lite2"),
                  "cost_precision": "bfloat16", "bidirectional": True, "mutual_filter": True,
-                 "solver": "matrix-scaling"},
+                 "solver": "matrix-scaling", "transfer": "median", "transfer_box": 2.0},
 }
 
 
@@ -218,8 +218,9 @@ class Correspondence:
         trg_scale = torch.tensor(self.trg.scale, dtype=torch.float32)  # (2,) = (r_t, r_t)
         matches = self.matches.cpu()
         src_boxes, trg_boxes = self.src.boxes.cpu(), self.trg.boxes.cpu()
-        if self.transfer_rule == "median":
-            return median_transfer(kps * src_scale, src_boxes, trg_boxes, matches, self.transfer_box) / trg_scale
+        robust = {"median": median_transfer, "consensus": consensus_transfer}.get(self.transfer_rule)
+        if robust is not None:  # votes without weights or offsets
+            return robust(kps * src_scale, src_boxes, trg_boxes, matches, self.transfer_box) / trg_scale
         weights = offsets = None
         if self.transfer_rule in ("weighted", "soft"):
             weights = self.confidences.detach().cpu()

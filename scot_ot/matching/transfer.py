@@ -21,7 +21,12 @@ The rules (:data:`TRANSFER_RULES`):
   votes instead of their mean, :math:`\hat k_x = \mathrm{median}_{i \in S(k)} v_{i,x}`
   (the same for ``y``; the mean of the two middle votes for an even count): while
   fewer than half of the boxes are matched to a wrong part, the wrong votes cannot
-  pull the keypoint off the others (:func:`median_transfer`).
+  pull the keypoint off the others (:func:`median_transfer`);
+- ``"consensus"``: the median locates, the mean refines: the median vote of the boxes
+  scaled by ``2 box_scale`` gives :math:`m(k)`; the keypoint is the mean of the votes of
+  the boxes scaled by ``box_scale`` that lie within those boxes' half-width of
+  :math:`m(k)` (:func:`consensus_transfer`). The median rejects wrong matches, the mean
+  of the agreeing votes keeps the sub-hyperpixel precision the median's one vote loses.
 
 The boxes are the hyperpixels' receptive fields (SCOT), scaled about their centres
 by ``box_scale`` (:func:`voters`): above 1 more, farther hyperpixels vote, below 1
@@ -37,7 +42,7 @@ from typing import Optional, Tuple
 import torch
 
 #: the keypoint transfer rules :meth:`scot_ot.matching.Correspondence.transfer` knows
-TRANSFER_RULES = ("scot", "weighted", "soft", "median")
+TRANSFER_RULES = ("scot", "weighted", "soft", "median", "consensus")
 
 
 def voters(kps: torch.Tensor, src_boxes: torch.Tensor, box_scale: float = 1.0) -> torch.Tensor:
@@ -99,6 +104,29 @@ def median_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch
         votes = torch.where(mask, shift[None], torch.full((), float("nan"), dtype=shift.dtype))  # (k, N, 2)
         out.append(torch.nanquantile(votes, 0.5, dim=1))  # (k, 2)
     return kps + torch.cat(out).to(kps.dtype)
+
+
+def consensus_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
+                       box_scale: float = 1.0) -> torch.Tensor:
+    """Transfer (K, 2) xy keypoints by the mean of the votes that agree with a median (the ``"consensus"`` rule).
+
+    With shifts :math:`d_i = \\mathrm{corner}^t_{j(i)} - \\mathrm{corner}^s_i`, scale ``s``
+    and :math:`\\bar d(k)` the coordinate-wise median shift of the boxes scaled by ``2s``:
+
+    .. math:: A(k) = \\{ i \\in S_s(k) : \\lVert d_i - \\bar d(k) \\rVert \\le s\\,r_i \\},
+        \\qquad \\hat k = k + \\frac{1}{|A(k)|} \\sum_{i \\in A(k)} d_i
+
+    with ``r_i`` half the larger side of box ``i`` (SCOT's boxes: 9 px at stride 4). A
+    keypoint with no agreeing vote keeps the median, :math:`\\hat k = k + \\bar d(k)`.
+    """
+    located = median_transfer(kps, src_boxes, trg_boxes, matches, 2 * box_scale) - kps  # (K, 2): median shift
+    shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
+    radius = box_scale * (src_boxes[:, 2:] - src_boxes[:, :2]).amax(dim=1).to(kps.dtype) / 2  # (N,)
+    agree = voters(kps, src_boxes, box_scale) & (torch.cdist(located, shift) <= radius[None, :])  # (K, N)
+    w = agree.to(kps.dtype)
+    count = w.sum(dim=1, keepdim=True)  # (K, 1)
+    mean = (w @ shift) / count.clamp_min(1)
+    return kps + torch.where(count > 0, mean, located)
 
 
 def soft_offsets(scores: torch.Tensor, matches: torch.Tensor, trg_centres: torch.Tensor,
