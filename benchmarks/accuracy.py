@@ -179,7 +179,8 @@ def _round6() -> Dict[str, dict]:
 
 
 #: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
-CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5(), 6: _round6()}
+CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5(),
+                                          6: _round6()}
 
 
 def unit_of(config: dict) -> str:

@@ -275,7 +275,8 @@ def test_accurate_preset_is_what_the_recorded_study_selected():
 def test_unknown_preset_and_bad_arguments_are_named():
     with pytest.raises(ValueError, match="preset: unknown preset 'fast'; available: faithful, accurate"):
         SCOT.preset("fast")
-    with pytest.raises(ValueError, match="transfer: expected one of scot, weighted, soft, median, consensus, got 'mean'"):
+    with pytest.raises(ValueError, match="transfer: expected one of scot, weighted, soft, median, consensus, "
+                                         "got 'mean'"):
         SCOT(transfer="mean")
     with pytest.raises(ValueError, match="bidirectional: expected True or False"):
         SCOT(bidirectional=1)

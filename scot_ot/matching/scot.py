@@ -108,7 +108,8 @@ COMMON_OT_ARGS = ("eps", "max_iter", "tol", "check_every", "reg_m")
 
 
 def check_number(name: str, value, above: Optional[float] = None, at_least: Optional[float] = None) -> None:
-    """ValueError naming ``name`` unless ``value`` is a finite real number (not a bool) ``> above`` / ``>= at_least``."""
+    """ValueError naming ``name`` unless ``value`` is a finite real number (not a bool), ``> above`` or
+    ``>= at_least``."""
     ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
     ok = ok and np.isfinite(value) and (above is None or value > above) and (at_least is None or value >= at_least)
     if not ok:
