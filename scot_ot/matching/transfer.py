@@ -95,15 +95,19 @@ def median_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch
     :math:`\\hat k = k + \\mathrm{median}_{i \\in S(k)} (\\mathrm{corner}^t_{j(i)} - \\mathrm{corner}^s_i)`
     per coordinate, the median of an even count being the mean of the two middle votes.
     """
-    inside = voters(kps, src_boxes, box_scale)  # (K, N)
-    shift = trg_boxes[matches, :2] - src_boxes[:, :2]  # (N, 2)
+    shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
+    return kps + _median_shift(voters(kps, src_boxes, box_scale), shift)
+
+
+def _median_shift(inside: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """(K, 2): per keypoint (row of ``inside``, (K, N) bool) the coordinate-wise median of its voters' (N, 2) shifts."""
     step = max(1, MEDIAN_BLOCK // (2 * len(shift)))
     out = []
-    for start in range(0, len(kps), step):
+    for start in range(0, len(inside), step):
         mask = inside[start:start + step, :, None]  # (k, N, 1)
         votes = torch.where(mask, shift[None], torch.full((), float("nan"), dtype=shift.dtype))  # (k, N, 2)
         out.append(torch.nanquantile(votes, 0.5, dim=1))  # (k, 2)
-    return kps + torch.cat(out).to(kps.dtype)
+    return torch.cat(out)
 
 
 def consensus_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
@@ -119,8 +123,8 @@ def consensus_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: to
     with ``r_i`` half the larger side of box ``i`` (SCOT's boxes: 9 px at stride 4). A
     keypoint with no agreeing vote keeps the median, :math:`\\hat k = k + \\bar d(k)`.
     """
-    located = median_transfer(kps, src_boxes, trg_boxes, matches, 2 * box_scale) - kps  # (K, 2): median shift
     shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
+    located = _median_shift(voters(kps, src_boxes, 2 * box_scale), shift)  # (K, 2)
     radius = box_scale * (src_boxes[:, 2:] - src_boxes[:, :2]).amax(dim=1).to(kps.dtype) / 2  # (N,)
     agree = voters(kps, src_boxes, box_scale) & (torch.cdist(located, shift) <= radius[None, :])  # (K, N)
     w = agree.to(kps.dtype)
