@@ -54,6 +54,12 @@ mean of the boxes scaled by s whose votes agree with it places it) at s in {0.5,
 1.5, 2}, next to round 5's pick (median, boxes x 2) and round 4's (mean, boxes x 1):
 6 candidates, the same structure.
 
+Round 7 (fixed after round 6, before any of its runs; ``CANDIDATES[7]``): the robust
+votes refined below the 4 px grid of the matches. ``median-soft`` (boxes x 2) and
+``consensus-soft`` (s = 1): each vote moved by its match's soft-argmax offset (round
+1's ``soft`` refinement), next to the unrefined median x 2 (the preset), consensus
+s = 1 and round 4's mean x 1: 5 candidates, the same structure.
+
 Protocol (``select``, the same for every round):
 
 1. every candidate runs on all 360 PF-WILLOW-dev pairs (per-pair PCK at 0.05 /
@@ -92,8 +98,11 @@ Run (one worker per unit, two at a time; then the timings alone; then the select
     python benchmarks/accuracy.py --round 6 --unit side400-lite0+lite1+lite2-joint --threads 2
     python benchmarks/accuracy.py --round 6 --timing --select
 
+    python benchmarks/accuracy.py --round 7 --unit side400-lite0+lite1+lite2-joint --threads 2
+    python benchmarks/accuracy.py --round 7 --timing --select
+
 Records: round 1 in ``benchmarks/results/accuracy/`` (``side-<S>.json``,
-``pipeline-*.json``, ``accuracy.json``), rounds 2 to 6 in ``benchmarks/results/accuracy/round<R>/``.
+``pipeline-*.json``, ``accuracy.json``), rounds 2 to 7 in ``benchmarks/results/accuracy/round<R>/``.
 """
 
 from __future__ import annotations
@@ -108,7 +117,7 @@ from typing import Dict, List, Tuple
 from common import RESULTS, machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "PF-WILLOW-dev"
-OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5, 6)}}
+OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5, 6, 7)}}
 TIME_BUDGET_S = 2.0
 MEMORY_BUDGET_MB = 4096
 ALPHAS = ("0.05", "0.1", "0.15")
@@ -161,7 +170,8 @@ MATCHING = {"image_side": 400, "ensemble": ENSEMBLES["lite0+lite1+lite2"], "hype
             "bidirectional": True}
 STEM = "side400-lite0+lite1+lite2-joint-eps0.05-bfloat16-exp0.5-matrix-scaling-mutual"
 #: the transfer rules' names in candidate names
-VOTE = {"scot": "mean", "median": "median", "consensus": "consensus"}
+VOTE = {"scot": "mean", "median": "median", "consensus": "consensus", "median-soft": "median-soft",
+        "consensus-soft": "consensus-soft"}
 
 
 def _transfers(rules: List[Tuple[str, float]]) -> Dict[str, dict]:
@@ -178,9 +188,14 @@ def _round6() -> Dict[str, dict]:
     return _transfers([("scot", 1.0), ("median", 2.0)] + [("consensus", box) for box in (0.5, 1.0, 1.5, 2.0)])
 
 
+def _round7() -> Dict[str, dict]:
+    return _transfers([("scot", 1.0), ("median", 2.0), ("median-soft", 2.0), ("consensus", 1.0),
+                       ("consensus-soft", 1.0)])
+
+
 #: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
 CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5(),
-                                          6: _round6()}
+                                          6: _round6(), 7: _round7()}
 
 
 def unit_of(config: dict) -> str:

@@ -86,15 +86,15 @@ def _reference_voters(k, src, scale):
     return inside
 
 
-def _reference_transfer(kps, src, trg, matches, scale, vote):
+def _reference_transfer(kps, src, trg, matches, scale, vote, offsets=0.0):
     """float64 numpy: each keypoint's voters found one by one, then their mean or median shift."""
-    shift = trg[matches, :2] - src[:, :2]
+    shift = trg[matches, :2] - src[:, :2] + offsets
     return np.array([k + vote(shift[_reference_voters(k, src, scale)], axis=0) for k in kps])
 
 
-def _reference_consensus(kps, src, trg, matches, scale):
+def _reference_consensus(kps, src, trg, matches, scale, offsets=0.0):
     """float64 numpy, keypoint by keypoint: the median shift at 2 s, then the mean of the agreeing shifts at s."""
-    shift = trg[matches, :2] - src[:, :2]
+    shift = trg[matches, :2] - src[:, :2] + offsets
     radius = scale * np.max(src[:, 2:] - src[:, :2], axis=1) / 2
     out = []
     for k in kps:
@@ -141,6 +141,12 @@ def test_mean_and_median_transfer_match_a_float64_reference(n, k, scale, seed):
                                _reference_transfer(kps, src, trg, matches, scale, np.mean), rtol=1e-12, atol=1e-9)
     np.testing.assert_allclose(consensus_transfer(*args, scale).numpy(),
                                _reference_consensus(kps, src, trg, matches, scale), rtol=1e-12, atol=1e-9)
+    off = rng.uniform(-3, 3, (n, 2))  # refined votes (the "-soft" rules)
+    np.testing.assert_allclose(median_transfer(*args, scale, torch.from_numpy(off)).numpy(),
+                               _reference_transfer(kps, src, trg, matches, scale, np.median, off),
+                               rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(consensus_transfer(*args, scale, torch.from_numpy(off)).numpy(),
+                               _reference_consensus(kps, src, trg, matches, scale, off), rtol=1e-12, atol=1e-9)
 
 
 def test_median_works_through_blocks_of_keypoints(monkeypatch):
@@ -243,6 +249,23 @@ def test_the_voting_boxes_reach_the_transfer(hyperpixels):
                               median_transfer(kps, hs.boxes, ht.boxes, corr.matches, 1.0) / torch.tensor(ht.scale))
 
 
+@pytest.mark.parametrize("rule", ["median-soft", "consensus-soft"])
+def test_refined_robust_rules_vote_with_the_soft_offsets(hyperpixels, rule):
+    """``"<vote>-soft"`` is ``<vote>`` on votes moved by the soft-argmax offsets of the final scores."""
+    model, hs, ht, pair = hyperpixels
+    model.transfer, model.transfer_box = rule, 1.5
+    try:
+        corr = model.match_hyperpixels(hs, ht)
+    finally:
+        model.transfer, model.transfer_box = "scot", 1.0
+    vote = {"median-soft": median_transfer, "consensus-soft": consensus_transfer}[rule]
+    offsets = soft_offsets(corr.scores, corr.matches, ht.centres, ht.grid)
+    assert offsets.abs().max() > 0
+    kps = pair.src_kps * torch.tensor(hs.scale)
+    want = vote(kps, hs.boxes, ht.boxes, corr.matches, 1.5, offsets) / torch.tensor(ht.scale)
+    assert torch.allclose(corr.transfer(pair.src_kps), want)
+
+
 def test_transfer_box_is_checked_and_recorded():
     assert small_scot(96).config()["transfer_box"] == 1.0
     for bad in (-0.5, float("nan"), float("inf"), "2", True, None):
@@ -275,8 +298,8 @@ def test_accurate_preset_is_what_the_recorded_study_selected():
 def test_unknown_preset_and_bad_arguments_are_named():
     with pytest.raises(ValueError, match="preset: unknown preset 'fast'; available: faithful, accurate"):
         SCOT.preset("fast")
-    with pytest.raises(ValueError, match="transfer: expected one of scot, weighted, soft, median, consensus, "
-                                         "got 'mean'"):
+    with pytest.raises(ValueError, match="transfer: expected one of scot, weighted, soft, median, median-soft, "
+                                         "consensus, consensus-soft, got 'mean'"):
         SCOT(transfer="mean")
     with pytest.raises(ValueError, match="bidirectional: expected True or False"):
         SCOT(bidirectional=1)

@@ -32,7 +32,7 @@ from .hyperpixels import HYPERPIXEL_NORMS, HyperpixelExtractor, Hyperpixels
 from .image import ImageError, ImageLike, load_image, resize_longest
 from .mutual import soft_mutual_filter
 from .rhm import regularized_hough_matching
-from .transfer import TRANSFER_RULES, consensus_transfer, median_transfer, soft_offsets, transfer_keypoints
+from .transfer import TRANSFER_RULES, soft_offsets
 
 #: the smallest image side (after resizing) the stride-32 backbones accept
 MIN_SIDE = 32
@@ -218,17 +218,12 @@ class Correspondence:
         src_scale = torch.tensor(self.src.scale, dtype=torch.float32)  # (2,) = (r_s, r_s)
         trg_scale = torch.tensor(self.trg.scale, dtype=torch.float32)  # (2,) = (r_t, r_t)
         matches = self.matches.cpu()
-        src_boxes, trg_boxes = self.src.boxes.cpu(), self.trg.boxes.cpu()
-        robust = {"median": median_transfer, "consensus": consensus_transfer}.get(self.transfer_rule)
-        if robust is not None:  # votes without weights or offsets
-            return robust(kps * src_scale, src_boxes, trg_boxes, matches, self.transfer_box) / trg_scale
-        weights = offsets = None
-        if self.transfer_rule in ("weighted", "soft"):
-            weights = self.confidences.detach().cpu()
-        if self.transfer_rule == "soft":
-            offsets = soft_offsets(self.scores.detach().cpu(), matches, self.trg.centres.cpu(), self.trg.grid)
-        moved = transfer_keypoints(kps * src_scale, src_boxes, trg_boxes, matches, weights, offsets,
-                                   self.transfer_box)  # (K, 2), resized target pixels
+        rule = TRANSFER_RULES[self.transfer_rule]
+        extra = {"weights": self.confidences.detach().cpu()} if rule.weighted else {}
+        offsets = (soft_offsets(self.scores.detach().cpu(), matches, self.trg.centres.cpu(), self.trg.grid)
+                   if rule.refined else None)
+        moved = rule.vote(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(), matches,
+                          box_scale=self.transfer_box, offsets=offsets, **extra)  # (K, 2), resized target pixels
         return moved / trg_scale
 
 

@@ -26,7 +26,10 @@ The rules (:data:`TRANSFER_RULES`):
   scaled by ``2 box_scale`` gives :math:`m(k)`; the keypoint is the mean of the votes of
   the boxes scaled by ``box_scale`` that lie within those boxes' half-width of
   :math:`m(k)` (:func:`consensus_transfer`). The median rejects wrong matches, the mean
-  of the agreeing votes keeps the sub-hyperpixel precision the median's one vote loses.
+  of the agreeing votes keeps the sub-hyperpixel precision the median's one vote loses;
+- ``"median-soft"``, ``"consensus-soft"``: the same with every vote refined by
+  :math:`\delta_i` as in ``"soft"``. A mean of many votes averages the 4 px grid of the
+  matches away; a median returns one vote, on that grid, unless the votes are refined.
 
 The boxes are the hyperpixels' receptive fields (SCOT), scaled about their centres
 by ``box_scale`` (:func:`voters`): above 1 more, farther hyperpixels vote, below 1
@@ -37,12 +40,10 @@ is the nearest-hyperpixel transfer.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
-
-#: the keypoint transfer rules :meth:`scot_ot.matching.Correspondence.transfer` knows
-TRANSFER_RULES = ("scot", "weighted", "soft", "median", "consensus")
 
 
 def voters(kps: torch.Tensor, src_boxes: torch.Tensor, box_scale: float = 1.0) -> torch.Tensor:
@@ -88,15 +89,22 @@ def transfer_keypoints(
 MEDIAN_BLOCK = 1 << 22
 
 
+def _shifts(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
+            offsets: Optional[torch.Tensor]) -> torch.Tensor:
+    """(N, 2) :math:`d_i = \\mathrm{corner}^t_{j(i)} + \\delta_i - \\mathrm{corner}^s_i` in the keypoints' dtype."""
+    shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
+    return shift if offsets is None else shift + offsets.to(kps.dtype)
+
+
 def median_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
-                    box_scale: float = 1.0) -> torch.Tensor:
+                    box_scale: float = 1.0, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Transfer (K, 2) xy keypoints by the coordinate-wise median of the votes (the ``"median"`` rule).
 
-    :math:`\\hat k = k + \\mathrm{median}_{i \\in S(k)} (\\mathrm{corner}^t_{j(i)} - \\mathrm{corner}^s_i)`
-    per coordinate, the median of an even count being the mean of the two middle votes.
+    :math:`\\hat k = k + \\mathrm{median}_{i \\in S(k)} d_i` per coordinate, with
+    :math:`d_i = \\mathrm{corner}^t_{j(i)} + \\delta_i - \\mathrm{corner}^s_i` (``offsets``:
+    :math:`\\delta`, None: 0); the median of an even count is the mean of the two middle votes.
     """
-    shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
-    return kps + _median_shift(voters(kps, src_boxes, box_scale), shift)
+    return kps + _median_shift(voters(kps, src_boxes, box_scale), _shifts(kps, src_boxes, trg_boxes, matches, offsets))
 
 
 def _median_shift(inside: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -111,10 +119,10 @@ def _median_shift(inside: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def consensus_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
-                       box_scale: float = 1.0) -> torch.Tensor:
+                       box_scale: float = 1.0, offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Transfer (K, 2) xy keypoints by the mean of the votes that agree with a median (the ``"consensus"`` rule).
 
-    With shifts :math:`d_i = \\mathrm{corner}^t_{j(i)} - \\mathrm{corner}^s_i`, scale ``s``
+    With shifts :math:`d_i = \\mathrm{corner}^t_{j(i)} + \\delta_i - \\mathrm{corner}^s_i`, scale ``s``
     and :math:`\\bar d(k)` the coordinate-wise median shift of the boxes scaled by ``2s``:
 
     .. math:: A(k) = \\{ i \\in S_s(k) : \\lVert d_i - \\bar d(k) \\rVert \\le s\\,r_i \\},
@@ -123,7 +131,7 @@ def consensus_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: to
     with ``r_i`` half the larger side of box ``i`` (SCOT's boxes: 9 px at stride 4). A
     keypoint with no agreeing vote keeps the median, :math:`\\hat k = k + \\bar d(k)`.
     """
-    shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
+    shift = _shifts(kps, src_boxes, trg_boxes, matches, offsets)  # (N, 2)
     located = _median_shift(voters(kps, src_boxes, 2 * box_scale), shift)  # (K, 2)
     radius = box_scale * (src_boxes[:, 2:] - src_boxes[:, :2]).amax(dim=1).to(kps.dtype) / 2  # (N,)
     agree = voters(kps, src_boxes, box_scale) & (torch.cdist(located, shift) <= radius[None, :])  # (K, N)
@@ -157,3 +165,24 @@ def soft_offsets(scores: torch.Tensor, matches: torch.Tensor, trg_centres: torch
     total = s.sum(dim=1, keepdim=True)  # (N, 1)
     mean = (s[..., None] * rel).sum(dim=1) / total.clamp_min(torch.finfo(s.dtype).tiny)
     return torch.where(total > 0, mean, torch.zeros_like(mean))
+
+
+@dataclass(frozen=True)
+class TransferRule:
+    """A keypoint transfer rule: how the votes are combined, and what each vote carries."""
+
+    vote: Callable[..., torch.Tensor]  #: ``vote(kps, src_boxes, trg_boxes, matches, box_scale=, offsets=[, weights=])``
+    weighted: bool = False  #: each vote weighs its match's score (mean votes only)
+    refined: bool = False  #: each vote moves by its match's soft-argmax offset (:func:`soft_offsets`)
+
+
+#: the keypoint transfer rules :meth:`scot_ot.matching.Correspondence.transfer` knows, by name
+TRANSFER_RULES: Dict[str, TransferRule] = {
+    "scot": TransferRule(transfer_keypoints),
+    "weighted": TransferRule(transfer_keypoints, weighted=True),
+    "soft": TransferRule(transfer_keypoints, weighted=True, refined=True),
+    "median": TransferRule(median_transfer),
+    "median-soft": TransferRule(median_transfer, refined=True),
+    "consensus": TransferRule(consensus_transfer),
+    "consensus-soft": TransferRule(consensus_transfer, refined=True),
+}
