@@ -164,18 +164,17 @@ def _round4() -> Dict[str, dict]:
         for e in ("lite0+lite2", "lite0+lite1+lite2") for b in (False, True) for m in (False, True)}
 
 
-#: round 4's pick without its transfer rule (the structure rounds 5 and 6 transfer through), and its name's stem
+#: round 4's pick without its transfer rule (the structure rounds 5 to 7 transfer through), and its name's stem
 MATCHING = {"image_side": 400, "ensemble": ENSEMBLES["lite0+lite1+lite2"], "hyperpixel_norm": "joint", "eps": 0.05,
             "cost_precision": "bfloat16", "exponent": 0.5, "solver": "matrix-scaling", "mutual_filter": True,
             "bidirectional": True}
 STEM = "side400-lite0+lite1+lite2-joint-eps0.05-bfloat16-exp0.5-matrix-scaling-mutual"
-#: the transfer rules' names in candidate names
-VOTE = {"scot": "mean", "median": "median", "consensus": "consensus", "median-soft": "median-soft",
-        "consensus-soft": "consensus-soft"}
 
 
 def _transfers(rules: List[Tuple[str, float]]) -> Dict[str, dict]:
-    return {f"{STEM}-{VOTE[rule]}-box{box:g}-bi": {**MATCHING, "transfer": rule, "transfer_box": box}
+    """Candidates named by their vote (SCOT's rule: ``mean``) and box scale."""
+    return {f"{STEM}-{'mean' if rule == 'scot' else rule}-box{box:g}-bi": {**MATCHING, "transfer": rule,
+                                                                            "transfer_box": box}
             for rule, box in rules}
 
 

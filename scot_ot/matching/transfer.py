@@ -64,6 +64,13 @@ def voters(kps: torch.Tensor, src_boxes: torch.Tensor, box_scale: float = 1.0) -
     return inside
 
 
+def _shifts(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
+            offsets: Optional[torch.Tensor]) -> torch.Tensor:
+    """(N, 2) :math:`d_i = \\mathrm{corner}^t_{j(i)} + \\delta_i - \\mathrm{corner}^s_i` in the keypoints' dtype."""
+    shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
+    return shift if offsets is None else shift + offsets.to(kps.dtype)
+
+
 def transfer_keypoints(
     kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
     weights: Optional[torch.Tensor] = None, offsets: Optional[torch.Tensor] = None, box_scale: float = 1.0,
@@ -79,21 +86,12 @@ def transfer_keypoints(
     if weights is not None:
         weighted = w * weights.to(kps.dtype)[None, :]
         w = torch.where(weighted.sum(dim=1, keepdim=True) > 0, weighted, w)  # all-zero votes: equal votes
-    shift = trg_boxes[matches, :2] - src_boxes[:, :2]  # (N, 2): target corner - source corner
-    if offsets is not None:
-        shift = shift + offsets.to(shift.dtype)
+    shift = _shifts(kps, src_boxes, trg_boxes, matches, offsets)  # (N, 2)
     return kps + (w @ shift) / w.sum(dim=1, keepdim=True)  # (K, 2)
 
 
 #: at most this many entries per :func:`torch.nanquantile` call (its input has a size limit)
 MEDIAN_BLOCK = 1 << 22
-
-
-def _shifts(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
-            offsets: Optional[torch.Tensor]) -> torch.Tensor:
-    """(N, 2) :math:`d_i = \\mathrm{corner}^t_{j(i)} + \\delta_i - \\mathrm{corner}^s_i` in the keypoints' dtype."""
-    shift = (trg_boxes[matches, :2] - src_boxes[:, :2]).to(kps.dtype)  # (N, 2)
-    return shift if offsets is None else shift + offsets.to(kps.dtype)
 
 
 def median_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: torch.Tensor, matches: torch.Tensor,
