@@ -60,6 +60,14 @@ votes refined below the 4 px grid of the matches. ``median-soft`` (boxes x 2) an
 1's ``soft`` refinement), next to the unrefined median x 2 (the preset), consensus
 s = 1 and round 4's mean x 1: 5 candidates, the same structure.
 
+Round 8 (fixed after round 7, before any of its runs; ``CANDIDATES[8]``): the layers.
+Every hyperpixel so far drew on blocks at strides 4, 16 and 32 of each backbone
+(Lite0's ids were a first guess, Lite1/2's the same places in their stages); none at
+stride 8, and SCOT's own ResNet layers have none at stride 32. Round 4's matching with
+the layer sets {default, + the last stride-8 block, - the stride-32 blocks, both
+changes} (``LAYER_SETS``, applied to all three backbones) x transfer {mean x 1,
+median x 2 (the preset), median-soft x 2}: 12 candidates, four structures.
+
 Protocol (``select``, the same for every round):
 
 1. every candidate runs on all 360 PF-WILLOW-dev pairs (per-pair PCK at 0.05 /
@@ -101,8 +109,11 @@ Run (one worker per unit, two at a time; then the timings alone; then the select
     python benchmarks/accuracy.py --round 7 --unit side400-lite0+lite1+lite2-joint --threads 2
     python benchmarks/accuracy.py --round 7 --timing --select
 
+    python benchmarks/accuracy.py --round 8 --unit side400-lite0+lite1+lite2-joint-s4-8-16-32 &   # ... each
+    python benchmarks/accuracy.py --round 8 --timing --select                                   # unit, two at a time
+
 Records: round 1 in ``benchmarks/results/accuracy/`` (``side-<S>.json``,
-``pipeline-*.json``, ``accuracy.json``), rounds 2 to 7 in ``benchmarks/results/accuracy/round<R>/``.
+``pipeline-*.json``, ``accuracy.json``), rounds 2 to 8 in ``benchmarks/results/accuracy/round<R>/``.
 """
 
 from __future__ import annotations
@@ -117,7 +128,7 @@ from typing import Dict, List, Tuple
 from common import RESULTS, machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "PF-WILLOW-dev"
-OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5, 6, 7)}}
+OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5, 6, 7, 8)}}
 TIME_BUDGET_S = 2.0
 MEMORY_BUDGET_MB = 4096
 ALPHAS = ("0.05", "0.1", "0.15")
@@ -192,9 +203,31 @@ def _round7() -> Dict[str, dict]:
                        ("consensus-soft", 1.0)])
 
 
+#: round 8's hyperpixel layers, by the strides they draw on: (Lite0's ids, Lite1's and Lite2's ids).
+#: Lite0's stages end at blocks 2 (stride 4), 4 (8), 7 and 10 (16), 14 and 15 (32); Lite1's and
+#: Lite2's at 3, 6, 10 and 14, 19 and 20. The default takes the last stride-4 block, the last
+#: three blocks of the second stride-16 stage and the last two of the first stride-32 stage.
+LAYER_SETS = {
+    "s4-16-32": ((2, 8, 9, 10, 13, 14), (3, 12, 13, 14, 18, 19)),  # the default
+    "s4-8-16-32": ((2, 4, 8, 9, 10, 13, 14), (3, 6, 12, 13, 14, 18, 19)),
+    "s4-16": ((2, 8, 9, 10), (3, 12, 13, 14)),
+    "s4-8-16": ((2, 4, 8, 9, 10), (3, 6, 12, 13, 14)),
+}
+
+
+def _round8() -> Dict[str, dict]:
+    out = {}
+    for name, (lite0, lite12) in LAYER_SETS.items():
+        layers = {"layers": lite0, "ensemble_layers": (lite12, lite12)}
+        for rule, box in (("scot", 1.0), ("median", 2.0), ("median-soft", 2.0)):
+            vote = "mean" if rule == "scot" else rule
+            out[f"{STEM}-{name}-{vote}-box{box:g}-bi"] = {**MATCHING, **layers, "transfer": rule, "transfer_box": box}
+    return out
+
+
 #: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
 CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5(),
-                                          6: _round6(), 7: _round7()}
+                                          6: _round6(), 7: _round7(), 8: _round8()}
 
 
 def unit_of(config: dict) -> str:
@@ -202,7 +235,9 @@ def unit_of(config: dict) -> str:
     if "hyperpixel_norm" not in config:
         return f"side-{config['image_side']}"
     ens = next(e for e, names in ENSEMBLES.items() if names == list(config["ensemble"]))
-    return f"side{config['image_side']}-{ens}-{config['hyperpixel_norm']}"
+    layers = next((f"-{n}" for n, (lite0, _) in LAYER_SETS.items() if "layers" in config
+                   and tuple(config["layers"]) == lite0), "")  # round 8
+    return f"side{config['image_side']}-{ens}-{config['hyperpixel_norm']}{layers}"
 
 
 def structure(config: dict) -> str:

@@ -59,8 +59,8 @@ def feature_settings(model) -> Dict[str, Any]:
     ex = model.extractor
     return {"format": FORMAT, "backbone": model.backbone.name, "weights_sha256": weights_digest(model.backbone),
             "layers": list(ex.layers), "hyperpixel_norm": ex.norm,
-            "ensemble": [{"backbone": b.name, "layers": list(b.default_layers), "weights_sha256": weights_digest(b)}
-                         for b in ex.companions],
+            "ensemble": [{"backbone": b.name, "layers": list(ids), "weights_sha256": weights_digest(b)}
+                         for b, ids in zip(ex.companions, ex.companion_layers)],
             "image_side": int(model.image_side), "use_cam": bool(ex.use_cam),
             "cam_scales": list(ex.cam_scales), "cam_top_k": int(ex.cam_top_k),
             "cam_max_area": float(ex.cam_max_area), "device_type": model.device.type,

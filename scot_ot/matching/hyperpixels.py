@@ -12,7 +12,8 @@ over the groups ``g`` of channels. Two options change the groups' weights:
   whole vector), so the cosine is the mean of the per-layer cosines,
   :math:`\frac1L \sum_l \cos(x_l, y_l)`; ``norm="joint"`` (SCOT) lets layers with
   larger activations weigh more;
-- companion backbones (an ensemble): their layers' maps are resized to the same grid.
+- companion backbones (an ensemble): their layers' maps (each backbone's default
+  layers, or the ids given for it) are resized to the same grid.
   With ``"joint"`` each backbone's features are normalised on their own, so the
   cosine is the mean of the backbones' cosines; with ``"layer"`` it is the mean over
   all layers of all backbones. Geometry and CAM come from the first backbone only.
@@ -89,15 +90,23 @@ class HyperpixelExtractor:
 
     def __init__(self, backbone, layers: Sequence[int], use_cam: bool = True,
                  cam_scales: Sequence[float] = CAM_SCALES, cam_top_k: int = CAM_TOP_K,
-                 cam_max_area: float = CAM_MAX_AREA, norm: str = "joint", companions: Sequence = ()):
+                 cam_max_area: float = CAM_MAX_AREA, norm: str = "joint", companions: Sequence = (),
+                 companion_layers: Optional[Sequence[Sequence[int]]] = None):
         """``norm``: one of :data:`HYPERPIXEL_NORMS`; ``companions``: more backbones whose
-        default layers join the hyperpixels (an ensemble; each backbone normalised apart)."""
+        layers join the hyperpixels (an ensemble; each backbone normalised apart):
+        ``companion_layers[i]`` for ``companions[i]`` (default: their default layers)."""
         if norm not in HYPERPIXEL_NORMS:
             raise ValueError(f"norm: expected one of {', '.join(HYPERPIXEL_NORMS)}, got {norm!r}")
         self.backbone = backbone
         self.layers = tuple(layers)
         self.norm = norm
         self.companions = tuple(companions)
+        if companion_layers is None:
+            companion_layers = [b.default_layers for b in self.companions]
+        if len(companion_layers) != len(self.companions):
+            raise ValueError(f"companion_layers: one id list per companion backbone ({len(self.companions)}), "
+                             f"got {len(companion_layers)}")
+        self.companion_layers = tuple(b.check_layer_ids(ids) for b, ids in zip(self.companions, companion_layers))
         self.use_cam = use_cam
         self.cam_scales = tuple(float(s) for s in cam_scales)
         if not self.cam_scales or any(s <= 0 for s in self.cam_scales):
@@ -124,9 +133,9 @@ class HyperpixelExtractor:
         maps, final = self.backbone.forward_features(imgs, self.layers)
         maps = list(maps)
         groups = [len(maps)]
-        for other in self.companions:
-            maps += other.forward_features(imgs, other.default_layers).maps
-            groups.append(len(other.default_layers))
+        for other, ids in zip(self.companions, self.companion_layers):
+            maps += other.forward_features(imgs, ids).maps
+            groups.append(len(ids))
         if self.norm == "layer":
             groups = [1] * len(maps)
         h, w = maps[0].shape[-2:]

@@ -134,6 +134,29 @@ def check_ensemble(backbone: str, ensemble) -> Tuple[str, ...]:
     return names
 
 
+def check_ensemble_layers(companions: Sequence, ensemble_layers) -> Optional[List[Tuple[int, ...]]]:
+    """``ensemble_layers`` checked against the ensemble's backbones (None: their default layers), or
+    ValueError naming the argument (not one list of valid ids per backbone)."""
+    if ensemble_layers is None:
+        return None
+    if isinstance(ensemble_layers, str) or not isinstance(ensemble_layers, (list, tuple)):
+        raise ValueError(f"ensemble_layers: expected one list of layer ids per ensemble backbone, "
+                         f"got {ensemble_layers!r}")
+    if len(ensemble_layers) != len(companions):
+        raise ValueError(f"ensemble_layers: {len(ensemble_layers)} list(s) of layer ids for "
+                         f"{len(companions)} ensemble backbone(s) ({', '.join(b.name for b in companions) or 'none'})")
+    out = []
+    for b, ids in zip(companions, ensemble_layers):
+        if isinstance(ids, str) or not isinstance(ids, (list, tuple)) or not all(
+                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"ensemble_layers: expected a list of integer layer ids for {b.name}, got {ids!r}")
+        try:
+            out.append(b.check_layer_ids(ids))
+        except ValueError as e:
+            raise ValueError(f"ensemble_layers: {e}") from None
+    return out
+
+
 def check_device(device) -> torch.device:
     """``device`` as a :class:`torch.device`, or ValueError if it is not a name or not present here."""
     try:
@@ -252,10 +275,12 @@ class SCOT:
         directions' scores (:meth:`match_hyperpixels`).
     hyperpixel_norm : ``"joint"`` (SCOT: one L2 norm over all layers) or ``"layer"``
         (each layer normalised first, so each weighs the same in the cosine).
-    ensemble : names of more backbones whose default layers join the hyperpixels;
+    ensemble : names of more backbones whose layers join the hyperpixels;
         the cosine is the mean of the backbones' (:mod:`.hyperpixels`). Their
         weights come from their own packages (both dependencies, for the
         ``accurate`` preset).
+    ensemble_layers : one list of layer ids per ``ensemble`` backbone (default: each
+        backbone's default layers), as ``layers`` is for the first backbone.
     cost_precision : ``"full"`` (SCOT) or ``"bfloat16"``: the precision of the cost's
         matrix product (:func:`cosine_cost`: about 3.7 x faster on CPUs with
         AVX512-BF16, entries within 0.012 of the full product).
@@ -289,6 +314,7 @@ class SCOT:
         bidirectional: bool = False,
         hyperpixel_norm: str = "joint",
         ensemble: Sequence[str] = (),
+        ensemble_layers: Optional[Sequence[Sequence[int]]] = None,
         cost_precision: str = "full",
         mutual_filter: bool = False,
     ):
@@ -321,6 +347,7 @@ class SCOT:
         self.extractor = HyperpixelExtractor(
             self.backbone, layers if layers is not None else self.backbone.default_layers, use_cam,
             norm=hyperpixel_norm, companions=companions,
+            companion_layers=check_ensemble_layers(companions, ensemble_layers),
         )
         self.ot_args = dict(solver=solver, **ot_args)
         self.rhm = rhm
@@ -364,7 +391,9 @@ class SCOT:
                 "rhm": self.rhm, "exponent": self.exponent, "transfer": self.transfer,
                 "transfer_box": self.transfer_box,
                 "bidirectional": self.bidirectional, "hyperpixel_norm": self.extractor.norm,
-                "ensemble": [b.name for b in self.extractor.companions], "cost_precision": self.cost_precision,
+                "ensemble": [b.name for b in self.extractor.companions],
+                "ensemble_layers": [list(ids) for ids in self.extractor.companion_layers],
+                "cost_precision": self.cost_precision,
                 "mutual_filter": self.mutual_filter}
 
     def with_solver(self, solver: str, **ot_args) -> "SCOT":
