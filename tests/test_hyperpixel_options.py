@@ -91,6 +91,34 @@ def test_extractor_norms_and_companions_on_random_backbones():
         HyperpixelExtractor(main, main.default_layers, norm="l1")
 
 
+def test_companion_layers_choose_each_companions_maps():
+    """``companion_layers`` (round 8: ``SCOT(ensemble_layers=...)``): the chosen blocks of each companion,
+    strides 8 and 32 included, resized to the first backbone's grid, against the closed form; the
+    default is each companion's default layers; a wrong count or id is a ValueError naming it."""
+    main = get_backbone("efficientnet-lite0", pretrained=False)
+    other = get_backbone("efficientnet-lite2", pretrained=False)
+    img = torch.rand(3, 64, 96)
+    ids = (6, 12, 18)  # strides 8, 16 and 32 of Lite2
+    with torch.no_grad():
+        maps = main.forward_features(img[None], main.default_layers).maps
+        other_maps = other.forward_features(img[None], ids).maps
+    hw = tuple(maps[0].shape[-2:])
+    assert [tuple(m.shape[-2:]) for m in other_maps] == [(8, 12), (4, 6), (2, 3)]
+    want = (_cos(torch.cat([_grid_feats(m, hw) for m in maps], 1))
+            + _cos(torch.cat([_grid_feats(m, hw) for m in other_maps], 1))) / 2
+    ex = HyperpixelExtractor(main, main.default_layers, use_cam=False, companions=[other],
+                             companion_layers=[list(ids)])
+    assert ex.companion_layers == (ids,)
+    torch.testing.assert_close(_cos(ex(img, (1.0, 1.0)).feats), want, rtol=1e-4, atol=1e-4)
+    default = HyperpixelExtractor(main, main.default_layers, use_cam=False, companions=[other])
+    assert default.companion_layers == (other.default_layers,)
+    assert not torch.allclose(_cos(default(img, (1.0, 1.0)).feats), want, atol=1e-3)  # the ids matter
+    with pytest.raises(ValueError, match=r"companion_layers: one id list per companion backbone \(1\), got 2"):
+        HyperpixelExtractor(main, main.default_layers, companions=[other], companion_layers=[ids, ids])
+    with pytest.raises(ValueError, match=r"efficientnet-lite2: layer ids must be a non-empty subset of 0..20"):
+        HyperpixelExtractor(main, main.default_layers, companions=[other], companion_layers=[(3, 21)])
+
+
 @pytest.fixture(scope="module")
 def pretrained_models():
     return {name: SCOT(image_side=128, **kw) for name, kw in
