@@ -56,6 +56,13 @@ def layer_list(text: str) -> Tuple[int, ...]:
 layer_list.__name__ = "comma-separated layer ids"
 
 
+def layer_lists(text: str) -> Tuple[Tuple[int, ...], ...]:
+    return tuple(layer_list(part) for part in text.split(";"))
+
+
+layer_lists.__name__ = "';'-separated lists of comma-separated layer ids"
+
+
 def name_list(text: str) -> Tuple[str, ...]:
     return () if text.strip().lower() == "none" else tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -81,6 +88,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "with AVX512-BF16); default: the preset's")
     p.add_argument("--layers", type=layer_list, default=None,
                    help="hyperpixel layer ids, comma-separated (default: the backbone's preset)")
+    p.add_argument("--ensemble-layers", type=layer_lists, default=None,
+                   help="layer ids of each --ensemble backbone, comma-separated, the backbones separated by ';' "
+                        "(default: the preset's with the preset's ensemble, else each backbone's default)")
     p.add_argument("--weights", default=None, help="checkpoint for backbones without embedded weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--eps", type=float, default=None, help="entropic regularisation (default: the preset's)")
@@ -108,6 +118,11 @@ def resolve_preset_defaults(args) -> None:
     for dest, arg in PRESET_FLAGS.items():
         if getattr(args, dest, None) is None:
             setattr(args, dest, preset[arg])
+    # the preset's layer ids belong to the preset's backbones: another backbone or ensemble takes its defaults
+    if getattr(args, "layers", None) is None and args.backbone == preset["backbone"]:
+        args.layers = preset["layers"]
+    if getattr(args, "ensemble_layers", None) is None and tuple(args.ensemble) == tuple(preset["ensemble"]):
+        args.ensemble_layers = preset["ensemble_layers"]
     if getattr(args, "solver", "") is None:  # match, demo, eval without --solver: the preset's solver
         args.solver = preset["solver"]
 
@@ -198,12 +213,14 @@ def build_model(args, solver: str):
         return SCOT.preset(args.preset, backbone=args.backbone, layers=args.layers, weights=args.weights,
                            device=args.device, solver=solver, eps=args.eps, max_iter=args.max_iter, tol=args.tol,
                            use_cam=args.marginals != "uniform", rhm=not args.no_rhm, exponent=args.exponent,
-                           ensemble=args.ensemble, hyperpixel_norm=args.hyperpixel_norm,
-                           cost_precision=args.cost_precision)
+                           ensemble=args.ensemble, ensemble_layers=args.ensemble_layers,
+                           hyperpixel_norm=args.hyperpixel_norm, cost_precision=args.cost_precision)
     except (CheckpointError, WeightsNotFoundError) as e:
         raise ValueError(f"--weights: {e}" if args.weights else str(e)) from None
     except ValueError as e:
         msg = str(e)
+        if msg.startswith("ensemble_layers:"):
+            raise ValueError(f"--ensemble-layers: {msg.removeprefix('ensemble_layers: ')}") from None
         if "layer ids" in msg:
             raise ValueError(f"--layers: {msg}") from None
         raise ValueError(_as_flag(msg)) from None

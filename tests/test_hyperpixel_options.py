@@ -187,3 +187,23 @@ def test_command_line_options_change_the_preset(tmp_path, monkeypatch):
     assert cfg["eps"] == 0.1 and cfg["hyperpixel_norm"] == "layer" and cfg["cost_precision"] == "bfloat16"
     assert cfg["solver"] == "matrix-scaling"
     assert cfg["preset"] == "faithful (with cost_precision, eps, hyperpixel_norm, solver changed)"
+
+
+def test_command_line_ensemble_layers_reach_the_model(tmp_path, monkeypatch):
+    import scot_ot.cli as cli
+
+    seen = {}
+    build = cli.build_model
+
+    def spy(args, solver):
+        seen["model"] = build(args, solver)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_model", spy)
+    pair = sample_pair()
+    cli_main(["match", str(pair.src_path), str(pair.trg_path), "--ensemble", "efficientnet-lite2",
+              "--ensemble-layers", "3,6,12", "--layers", "2,4,8", "--out", str(tmp_path / "m.png")])
+    cfg = seen["model"].config()
+    assert cfg["layers"] == [2, 4, 8] and cfg["ensemble"] == ["efficientnet-lite2"]
+    assert cfg["ensemble_layers"] == [[3, 6, 12]]
+    assert cfg["preset"] == "faithful (with ensemble, ensemble_layers, layers changed)"
