@@ -296,7 +296,7 @@ def test_disk_cache_returns_fresh_features_and_misses_a_changed_setting(model, t
     shutil.copy(path, copy)
     assert DiskCache(tmp_path, model).load(copy) is not None
 
-    # a changed setting is a different key: image side, CAM, layers, norm, ensemble, weights
+    # a changed setting is a different key: image side, CAM, layers, norm, ensemble and its layers, weights
     changed = []
     companion = uncached_backbone("efficientnet-lite2", pretrained=False)
     for change in (lambda m: setattr(m, "image_side", SIDE + 8),
@@ -304,7 +304,9 @@ def test_disk_cache_returns_fresh_features_and_misses_a_changed_setting(model, t
                    lambda m: setattr(m.extractor, "layers", m.extractor.layers[:-1]),
                    lambda m: setattr(m.extractor, "cam_top_k", 3),
                    lambda m: setattr(m.extractor, "norm", "layer"),
-                   lambda m: setattr(m.extractor, "companions", (companion,))):
+                   lambda m: m.extractor.__dict__.update(companions=(companion,),
+                                                         companion_layers=(companion.default_layers,)),
+                   lambda m: m.extractor.__dict__.update(companions=(companion,), companion_layers=((3, 6),))):
         other = SCOT.__new__(SCOT)
         other.__dict__.update(model.__dict__)
         other.extractor = type(model.extractor).__new__(type(model.extractor))
@@ -313,7 +315,7 @@ def test_disk_cache_returns_fresh_features_and_misses_a_changed_setting(model, t
         disk = DiskCache(tmp_path, other)
         changed.append(disk.key(path))
         assert disk.load(path) is None
-    assert len(set(changed)) == 6 and DiskCache(tmp_path, model).key(path) not in changed
+    assert len(set(changed)) == 7 and DiskCache(tmp_path, model).key(path) not in changed
     other = SCOT.__new__(SCOT)
     other.__dict__.update(model.__dict__)
     other.backbone = uncached_backbone("efficientnet-lite0", pretrained=False)  # other weights, same name
