@@ -146,30 +146,9 @@ def test_ensemble_cost_is_the_mean_of_the_two_backbones_costs(pretrained_models)
     json.dumps(cfg)
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
-def test_command_line_preset_alone_reproduces_the_preset(preset, tmp_path, monkeypatch):
-    """Every model option the command line leaves unset takes the preset's value, so
-    ``--preset NAME`` records exactly ``SCOT.preset(NAME).config()``."""
-    import scot_ot.cli as cli
-
-    seen = {}
-    build = cli.build_model
-
-    def spy(args, solver):
-        seen["model"] = build(args, solver)
-        raise KeyboardInterrupt  # stop before any image is read
-
-    monkeypatch.setattr(cli, "build_model", spy)
-    pair = sample_pair()
-    rc = cli_main(["match", str(pair.src_path), str(pair.trg_path), "--preset", preset,
-                   "--out", str(tmp_path / "m.png")])
-    assert rc == 130 and list(tmp_path.iterdir()) == []
-    got = seen["model"].config()
-    want = SCOT.preset(preset).config()
-    assert got == want and got["preset"] == preset
-
-
-def test_command_line_options_change_the_preset(tmp_path, monkeypatch):
+def _model_of_command(options, tmp_path, monkeypatch) -> SCOT:
+    """The model ``scot-ot match <sample pair> OPTIONS`` builds; the command is stopped before any image
+    is read (Ctrl-C: exit 130, nothing written)."""
     import scot_ot.cli as cli
 
     seen = {}
@@ -181,29 +160,31 @@ def test_command_line_options_change_the_preset(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cli, "build_model", spy)
     pair = sample_pair()
-    cli_main(["match", str(pair.src_path), str(pair.trg_path), "--eps", "0.1", "--hyperpixel-norm", "layer",
-              "--cost-precision", "bfloat16", "--solver", "matrix-scaling", "--out", str(tmp_path / "m.png")])
-    cfg = seen["model"].config()
+    rc = cli_main(["match", str(pair.src_path), str(pair.trg_path), *options, "--out", str(tmp_path / "m.png")])
+    assert rc == 130 and list(tmp_path.iterdir()) == []
+    return seen["model"]
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_command_line_preset_alone_reproduces_the_preset(preset, tmp_path, monkeypatch):
+    """Every model option the command line leaves unset takes the preset's value, so
+    ``--preset NAME`` records exactly ``SCOT.preset(NAME).config()``."""
+    got = _model_of_command(["--preset", preset], tmp_path, monkeypatch).config()
+    want = SCOT.preset(preset).config()
+    assert got == want and got["preset"] == preset
+
+
+def test_command_line_options_change_the_preset(tmp_path, monkeypatch):
+    cfg = _model_of_command(["--eps", "0.1", "--hyperpixel-norm", "layer", "--cost-precision", "bfloat16",
+                             "--solver", "matrix-scaling"], tmp_path, monkeypatch).config()
     assert cfg["eps"] == 0.1 and cfg["hyperpixel_norm"] == "layer" and cfg["cost_precision"] == "bfloat16"
     assert cfg["solver"] == "matrix-scaling"
     assert cfg["preset"] == "faithful (with cost_precision, eps, hyperpixel_norm, solver changed)"
 
 
 def test_command_line_ensemble_layers_reach_the_model(tmp_path, monkeypatch):
-    import scot_ot.cli as cli
-
-    seen = {}
-    build = cli.build_model
-
-    def spy(args, solver):
-        seen["model"] = build(args, solver)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(cli, "build_model", spy)
-    pair = sample_pair()
-    cli_main(["match", str(pair.src_path), str(pair.trg_path), "--ensemble", "efficientnet-lite2",
-              "--ensemble-layers", "3,6,12", "--layers", "2,4,8", "--out", str(tmp_path / "m.png")])
-    cfg = seen["model"].config()
+    cfg = _model_of_command(["--ensemble", "efficientnet-lite2", "--ensemble-layers", "3,6,12", "--layers", "2,4,8"],
+                            tmp_path, monkeypatch).config()
     assert cfg["layers"] == [2, 4, 8] and cfg["ensemble"] == ["efficientnet-lite2"]
     assert cfg["ensemble_layers"] == [[3, 6, 12]]
     assert cfg["preset"] == "faithful (with ensemble, ensemble_layers, layers changed)"
