@@ -57,10 +57,10 @@ layer_list.__name__ = "comma-separated layer ids"
 
 
 def layer_lists(text: str) -> Tuple[Tuple[int, ...], ...]:
-    return tuple(layer_list(part) for part in text.split(";"))
+    return tuple(layer_list(part) for part in text.split("/"))
 
 
-layer_lists.__name__ = "';'-separated lists of comma-separated layer ids"
+layer_lists.__name__ = "'/'-separated lists of comma-separated layer ids"
 
 
 def name_list(text: str) -> Tuple[str, ...]:
@@ -89,7 +89,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=layer_list, default=None,
                    help="hyperpixel layer ids, comma-separated (default: the backbone's preset)")
     p.add_argument("--ensemble-layers", type=layer_lists, default=None,
-                   help="layer ids of each --ensemble backbone, comma-separated, the backbones separated by ';' "
+                   help="layer ids of each --ensemble backbone, comma-separated, the backbones separated by '/' "
                         "(default: the preset's with the preset's ensemble, else each backbone's default)")
     p.add_argument("--weights", default=None, help="checkpoint for backbones without embedded weights")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

@@ -224,7 +224,7 @@ CLI_CASES = [
             "--out {tmp}/diag", ("--solvers", "torch-absorb:max_iter=0", "max_iter")),
     CliCase("layers-not-numbers", "demo --layers 1,x --out {tmp}/d.png", ("--layers", "1,x")),
     CliCase("layers-out-of-range", "demo --layers 1,99 --out {tmp}/d.png", ("--layers", "99")),
-    CliCase("ensemble-layers-count", "demo --ensemble efficientnet-lite2 --ensemble-layers 3,6;3,6 "
+    CliCase("ensemble-layers-count", "demo --ensemble efficientnet-lite2 --ensemble-layers 3,6/3,6 "
             "--out {tmp}/d.png", ("--ensemble-layers", "2 list(s) of layer ids for 1 ensemble backbone(s)")),
     CliCase("ensemble-layers-not-numbers", "demo --ensemble efficientnet-lite2 --ensemble-layers 3,x "
             "--out {tmp}/d.png", ("--ensemble-layers", "3,x")),

@@ -183,8 +183,8 @@ def test_command_line_options_change_the_preset(tmp_path, monkeypatch):
 
 
 def test_command_line_ensemble_layers_reach_the_model(tmp_path, monkeypatch):
-    cfg = _model_of_command(["--ensemble", "efficientnet-lite2", "--ensemble-layers", "3,6,12", "--layers", "2,4,8"],
-                            tmp_path, monkeypatch).config()
-    assert cfg["layers"] == [2, 4, 8] and cfg["ensemble"] == ["efficientnet-lite2"]
-    assert cfg["ensemble_layers"] == [[3, 6, 12]]
+    cfg = _model_of_command(["--ensemble", "efficientnet-lite1,efficientnet-lite2", "--ensemble-layers", "3,6,12/4,6",
+                             "--layers", "2,4,8"], tmp_path, monkeypatch).config()
+    assert cfg["layers"] == [2, 4, 8] and cfg["ensemble"] == ["efficientnet-lite1", "efficientnet-lite2"]
+    assert cfg["ensemble_layers"] == [[3, 6, 12], [4, 6]]
     assert cfg["preset"] == "faithful (with ensemble, ensemble_layers, layers changed)"
