@@ -200,9 +200,11 @@ def build_efficientnet_lite(name: str) -> EfficientNetLite:
     return EfficientNetLite(width=width, depth=depth, dropout=dropout)
 
 
-# Hyperpixel ids; Lite0's default is provisional (to be tuned on PF-WILLOW-dev). Lite1/2
-# (21 blocks) take the blocks at the same places in the stages: last of stage 2, the
-# last three of stage 5, the last two of stage 6.
+# Hyperpixel ids. Lite0's default was screened on every 4th PF-WILLOW-dev pair
+# (docs/results.md); Lite1/2 (21 blocks) take the blocks at the same places in the stages:
+# last of stage 2, the last three of stage 5, the last two of stage 6. Round 8 of
+# docs/accuracy.md kept all three for the accurate preset (against adding stride 8 or
+# dropping stride 32).
 LITE_DEFAULT_LAYERS = {
     "efficientnet-lite0": (2, 8, 9, 10, 13, 14),
     "efficientnet-lite1": (3, 12, 13, 14, 18, 19),
