@@ -4,12 +4,13 @@
 image pipeline, which needs torchvision) is imported on first access.
 """
 
-from .ot import NumericalError, OTProblem, OTResult, SolverMemoryError, available_solvers, get_solver, solve
+from .ot import (NumericalError, OTProblem, OTResult, SolverMemoryError, SolverUnavailableError, available_solvers,
+                 get_solver, solve)
 
 __version__ = "0.1.0"
 
-__all__ = ["NumericalError", "OTProblem", "OTResult", "SCOT", "SolverMemoryError", "available_solvers",
-           "get_solver", "solve", "__version__"]
+__all__ = ["NumericalError", "OTProblem", "OTResult", "SCOT", "SolverMemoryError", "SolverUnavailableError",
+           "available_solvers", "get_solver", "solve", "__version__"]
 
 
 def __getattr__(name):

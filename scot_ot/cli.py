@@ -147,8 +147,11 @@ def _as_flag(message: str, overrides: Optional[dict] = None, spec: Optional[str]
 
 def check_solver_specs(specs: List[str], args, flag: str = "--solver") -> List[Tuple[str, str, dict]]:
     """``(spec, name, overrides)`` for each spec, after checking name, options and values with the base flags."""
+    import torch
+
     from .evaluation.run import parse_solver_spec
     from .matching.scot import check_ot_args
+    from .ot import SolverUnavailableError, check_solver_device
 
     dup = sorted({s for s in specs if specs.count(s) > 1})
     if dup:
@@ -156,7 +159,10 @@ def check_solver_specs(specs: List[str], args, flag: str = "--solver") -> List[T
     base = {"eps": args.eps, "max_iter": args.max_iter, "tol": args.tol}
     out = []
     for spec in specs:
-        name, overrides = parse_solver_spec(spec)
+        try:
+            name, overrides = parse_solver_spec(spec)
+        except ValueError as e:
+            raise ValueError(f"{flag}:{str(e).removeprefix('--solver:')}") from None
         try:
             check_ot_args(name, **{**base, **overrides})
         except ValueError as e:
@@ -164,6 +170,10 @@ def check_solver_specs(specs: List[str], args, flag: str = "--solver") -> List[T
             if msg.startswith("solver:") or "does not take option" in msg:
                 raise ValueError(f"{flag} {spec!r}: {msg.removeprefix('solver: ')}") from None
             raise ValueError(_as_flag(msg, overrides, spec, flag)) from None
+        try:
+            check_solver_device(name, torch.device(args.device))  # (--device checked by check_model_args)
+        except SolverUnavailableError as e:
+            raise ValueError(f"{flag}: {e}") from None  # (the message names the solver)
         out.append((spec, name, overrides))
     return out
 

@@ -480,7 +480,7 @@ def test_cpu_without_interpreter_is_refused_with_the_cpu_solvers_named():
         "import os, sys, torch, scot_ot\n"
         "try:\n"
         "    scot_ot.solve(torch.rand(4, 5), solver='fused')\n"
-        "except RuntimeError as err:\n"
+        "except scot_ot.SolverUnavailableError as err:\n"
         "    msg = str(err)\n"
         "    for word in ('CUDA', 'torch-log', 'torch-absorb', 'pot-sinkhorn-log', 'TRITON_INTERPRET'):\n"
         "        assert word in msg, msg\n"
@@ -493,6 +493,24 @@ def test_cpu_without_interpreter_is_refused_with_the_cpu_solvers_named():
     assert out.returncode == 0, out.stderr
 
 
+def test_command_line_refuses_fused_on_cpu_before_any_work(tmp_path):
+    """``scot-ot match --solver fused`` on the CPU without the interpreter: one error line naming
+    ``--solver``, the reason and the CPU solvers, exit 2, no traceback, nothing written (the check
+    runs before the backbone loads; ``scot_ot.ot.check_solver_device``)."""
+    from scot_ot.data import sample_pair
+
+    pair, out = sample_pair(), tmp_path / "m.png"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "scot_ot", "match", str(pair.src_path), str(pair.trg_path),
+                          "--solver", "fused", "--out", str(out)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr and "loading" not in run.stderr, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        "scot-ot match: error: --solver: solver 'fused': its Triton kernels need a CUDA device"), run.stderr
+    assert "'torch-log'" in run.stderr and not out.exists()
+
+
 def test_scot_ot_imports_and_refuses_cleanly_without_triton():
     code = (
         "import sys; sys.modules['triton'] = None\n"  # any `import triton` now raises ImportError
@@ -501,7 +519,7 @@ def test_scot_ot_imports_and_refuses_cleanly_without_triton():
         "scot_ot.solve(torch.rand(4, 5), solver='torch-log', max_iter=2)\n"
         "try:\n"
         "    scot_ot.solve(torch.rand(4, 5), solver='fused')\n"
-        "except RuntimeError as err:\n"
+        "except scot_ot.SolverUnavailableError as err:\n"
         "    assert 'needs triton' in str(err) and 'torch-log' in str(err), err\n"
         "else:\n"
         "    raise AssertionError('no error')\n"

@@ -586,6 +586,31 @@ def test_docs_example_solver_registers_itself_and_meets_its_contract():
     assert available_solvers() == before
 
 
+def test_check_solver_device_refuses_a_device_the_solver_cannot_run_on():
+    """``check_solver_device``: a device type the solver does not list is refused with the solvers
+    that run there; every built-in that runs natively on the CPU passes there."""
+    from scot_ot.ot import Devices, Domain, Family, SolverUnavailableError, check_solver_device, registered
+
+    class CudaOnly:
+        name = "cuda-only"
+        info = SolverInfo(summary="x", family=Family.ENTROPIC, marginals={Marginals.BALANCED}, domain=Domain.LOG,
+                          devices=Devices(("cuda",)))
+
+        def solve(self, problem, *, max_iter, tol, check_every):
+            raise AssertionError("never called")
+
+    with registered(CudaOnly):
+        with pytest.raises(SolverUnavailableError, match=r"^solver 'cuda-only' runs on cuda, not cpu; on cpu use "
+                                                         r"'torch-log', "):
+            check_solver_device("cuda-only", torch.device("cpu"))
+        check_solver_device("cuda-only", torch.device("cuda"))  # listed: checking needs no CUDA device
+    for name in available_solvers():
+        if solver_info(name).devices.native("cpu"):
+            check_solver_device(name, torch.device("cpu"))
+    with pytest.raises(ValueError, match="solver: unknown solver 'nope'"):
+        check_solver_device("nope", torch.device("cpu"))
+
+
 def test_registry_refuses_what_it_cannot_drive():
     """A class without typed capabilities, a solve that does not take a declared option, and a
     name taken twice are refused at registration; ``registered`` removes what it added."""

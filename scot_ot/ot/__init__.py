@@ -7,11 +7,11 @@ the POT wrappers import POT when resolved by :func:`get_solver`).
 """
 
 from .api import solve
-from .errors import NumericalError, SolverMemoryError
+from .errors import NumericalError, SolverMemoryError, SolverUnavailableError
 from .problem import OTProblem
 from .registry import (INIT, Batching, Compute, Devices, Domain, Dtypes, Family, Marginals, Option,
-                       SolverInfo, Stopping, available_solvers, get_solver, register, registered,
-                       solver_info, solver_table, unregister)
+                       SolverInfo, Stopping, available_solvers, check_solver_device, get_solver, register,
+                       registered, solver_info, solver_table, unregister)
 from .result import OTResult, marginal_error, plan_from_potentials
 
 # the built-in solvers, registered on import
@@ -34,8 +34,10 @@ __all__ = [
     "Option",
     "SolverInfo",
     "SolverMemoryError",
+    "SolverUnavailableError",
     "Stopping",
     "available_solvers",
+    "check_solver_device",
     "get_solver",
     "marginal_error",
     "plan_from_potentials",

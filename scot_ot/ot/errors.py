@@ -6,6 +6,9 @@
 message names the solver, eps and dtype and the solvers that can do better: the
 registered ones that handle what the failed one handles, are finite at any eps, batch
 natively and run natively on the CPU (:func:`stable_alternatives`).
+``SolverUnavailableError`` is what a solver raises when it cannot run here at all (its
+device or a library it needs is missing); :func:`scot_ot.ot.registry.check_solver_device`
+raises it before any work.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ class NumericalError(FloatingPointError):
             f"solver {solver!r} failed numerically at eps={eps:g} with a {name} cost: {detail}. "
             f"Use {hint}a larger eps{tail}."
         )
+
+
+class SolverUnavailableError(RuntimeError):
+    """A solver cannot run here: the device, or a library it needs, is missing. The message names
+    the solvers that can."""
 
 
 def _gib(n: int) -> str:

@@ -224,6 +224,10 @@ class SolverInfo:
 
 
 class Solver(Protocol):
+    """A registered solver. It may also define ``check_device(device)``, raising
+    :class:`~scot_ot.ot.errors.SolverUnavailableError` when it cannot run on ``device`` here
+    (see :func:`check_solver_device`)."""
+
     name: str
     info: SolverInfo
 
@@ -308,6 +312,24 @@ def get_solver(name: str) -> Solver:
 def solver_info(name: str) -> SolverInfo:
     """The :class:`SolverInfo` of a registered solver, without instantiating it."""
     return _solver_class(name).info
+
+
+def check_solver_device(name: str, device: torch.device) -> None:
+    """Raise :class:`~scot_ot.ot.errors.SolverUnavailableError` unless solver ``name`` can run on
+    ``device`` here: a device type its :class:`Devices` lists, and whatever its own
+    ``check_device`` asks (``fused``: CUDA, or the Triton interpreter on the CPU). Cheap; for
+    callers that want to refuse before any work."""
+    from .errors import SolverUnavailableError
+
+    cls = _solver_class(name)
+    if device.type not in cls.info.devices.types:
+        others = suggest(name, cls.info.marginals or BALANCED_NEED, device_type=device.type)
+        raise SolverUnavailableError(
+            f"solver {name!r} runs on {' or '.join(cls.info.devices.types)}, not {device.type}"
+            + (f"; on {device.type} use {quoted(others)}" if others else ""))
+    check = getattr(cls, "check_device", None)
+    if check is not None:
+        check(device)
 
 
 def problem_kind(problem: OTProblem) -> Marginals:

@@ -96,6 +96,7 @@ import torch
 
 from ..iterate import iterate
 from ..memory import fused_bytes
+from ..errors import SolverUnavailableError
 from ..problem import OTProblem, real_scalar
 from ..registry import (INIT, Compute, Devices, Domain, Dtypes, Family, Marginals, Option, SolverInfo,
                         problem_kind, quoted, register, suggest)
@@ -111,8 +112,8 @@ def cpu_solvers(kind: Marginals = Marginals.BALANCED) -> str:
 
 
 def load_kernels(device: torch.device, kind: Marginals = Marginals.BALANCED):
-    """Import the Triton kernels on first use; refuse a device they cannot run on (naming the
-    CPU solvers of problems of ``kind``).
+    """Import the Triton kernels on first use; refuse (:class:`SolverUnavailableError`) a device
+    they cannot run on, or a missing triton, naming the CPU solvers of problems of ``kind``.
 
     On CPU the kernels run only in the Triton interpreter, which triton enables
     when ``TRITON_INTERPRET=1`` is set before it is first imported.
@@ -120,7 +121,7 @@ def load_kernels(device: torch.device, kind: Marginals = Marginals.BALANCED):
     imported = sys.modules.get(__name__.rsplit(".", 1)[0] + ".kernels")
     cpu_ok = imported.INTERPRETED if imported is not None else os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not cpu_ok:
-        raise RuntimeError(
+        raise SolverUnavailableError(
             f"solver 'fused': its Triton kernels need a CUDA device, the cost is on {device}. "
             f"On CPU use {cpu_solvers(kind)}; to run the kernels in the (slow) Triton interpreter "
             "instead, set TRITON_INTERPRET=1 before triton is first imported."
@@ -128,7 +129,7 @@ def load_kernels(device: torch.device, kind: Marginals = Marginals.BALANCED):
     try:
         from . import kernels
     except ImportError as err:
-        raise RuntimeError(
+        raise SolverUnavailableError(
             f"solver 'fused' needs triton ({err}); install it, or use {cpu_solvers(kind)}"
         ) from err
     return kernels
@@ -335,6 +336,11 @@ class FusedSinkhorn:
                                       "torch.bfloat16 or torch.float16")),
         memory=fused_bytes,
     )
+
+    @staticmethod
+    def check_device(device: torch.device) -> None:
+        """Refuse, before any work, a device the kernels cannot run on here (:func:`load_kernels`)."""
+        load_kernels(device)
 
     def solve(self, problem: OTProblem, *, max_iter: int, tol: float, check_every: int,
               init=None, eps_schedule=None, cost_dtype=None) -> OTResult:
