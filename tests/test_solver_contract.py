@@ -361,7 +361,7 @@ def check_by_name(name: str, seed: int) -> None:
     info = solver_info(name)
     spec = name + ("" if not info.required_options else
                    ":" + ",".join(f"{o.name}={o.example}" for o in info.required_options))
-    args = argparse.Namespace(eps=0.05, max_iter=50, tol=1e-4)
+    args = argparse.Namespace(eps=0.05, max_iter=50, tol=1e-4, device="cpu")  # (where problem() puts C)
     [(_, got, overrides)] = check_solver_specs([spec], args)
     assert got == name and overrides == options(info)
     again = spec + ("," if ":" in spec else ":") + "max_iter=20"  # the same solver with an override
