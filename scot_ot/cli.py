@@ -231,8 +231,8 @@ def build_model(args, solver: str):
         msg = str(e)
         if msg.startswith("ensemble_layers:"):
             raise ValueError(f"--ensemble-layers: {msg.removeprefix('ensemble_layers: ')}") from None
-        if "layer ids" in msg:
-            raise ValueError(f"--layers: {msg}") from None
+        if msg.startswith("layers:"):
+            raise ValueError(f"--layers:{msg.removeprefix('layers:')}") from None
         raise ValueError(_as_flag(msg)) from None
 
 

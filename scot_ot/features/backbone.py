@@ -24,11 +24,12 @@ architecture exactly (``strict``); nothing is downloaded.
 
 from __future__ import annotations
 
+import numbers
 import os
 import pickle
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -109,12 +110,14 @@ class Backbone(nn.Module):
         return len(self._layers)
 
     def check_layer_ids(self, layer_ids: Sequence[int]) -> Tuple[int, ...]:
-        """``layer_ids`` as a tuple of ints, or ValueError if empty or out of range."""
-        ids = tuple(int(i) for i in layer_ids)
+        """``layer_ids`` (any iterable of integers) as a tuple of ints, or ValueError if it is not one, is
+        empty or is out of range."""
+        items = list(layer_ids) if isinstance(layer_ids, Iterable) and not isinstance(layer_ids, (str, bytes)) else None
+        ok = items is not None and all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in items)
+        ids = tuple(int(i) for i in items) if ok else None
         if not ids or any(i < 0 or i >= self.n_layer_ids for i in ids):
-            raise ValueError(
-                f"{self.name}: layer ids must be a non-empty subset of 0..{self.n_layer_ids - 1}, got {ids}"
-            )
+            raise ValueError(f"{self.name}: layer ids must be a non-empty subset of 0..{self.n_layer_ids - 1}, "
+                             f"got {ids if ok else repr(layer_ids)}")
         return ids
 
     def normalize(self, x01: torch.Tensor) -> torch.Tensor:

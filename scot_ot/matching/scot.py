@@ -145,16 +145,10 @@ def check_ensemble_layers(companions: Sequence, ensemble_layers) -> Optional[Lis
     if len(ensemble_layers) != len(companions):
         raise ValueError(f"ensemble_layers: {len(ensemble_layers)} list(s) of layer ids for "
                          f"{len(companions)} ensemble backbone(s) ({', '.join(b.name for b in companions) or 'none'})")
-    out = []
-    for b, ids in zip(companions, ensemble_layers):
-        if isinstance(ids, str) or not isinstance(ids, (list, tuple)) or not all(
-                isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in ids):
-            raise ValueError(f"ensemble_layers: expected a list of integer layer ids for {b.name}, got {ids!r}")
-        try:
-            out.append(b.check_layer_ids(ids))
-        except ValueError as e:
-            raise ValueError(f"ensemble_layers: {e}") from None
-    return out
+    try:
+        return [b.check_layer_ids(ids) for b, ids in zip(companions, ensemble_layers)]
+    except ValueError as e:
+        raise ValueError(f"ensemble_layers: {e}") from None
 
 
 def check_device(device) -> torch.device:
@@ -320,6 +314,8 @@ class SCOT:
     ):
         from ..features import get_backbone
 
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise ValueError(f"solver_options: expected a dict of option name -> value, got {solver_options!r}")
         ot_args = dict(eps=eps, max_iter=max_iter, tol=tol, check_every=check_every, reg_m=reg_m,
                        **(solver_options or {}))
         check_ot_args(solver, **ot_args)  # every argument checked before any work
@@ -329,7 +325,8 @@ class SCOT:
         if transfer not in TRANSFER_RULES:
             raise ValueError(f"transfer: expected one of {', '.join(TRANSFER_RULES)}, got {transfer!r}")
         check_number("transfer_box", transfer_box, at_least=0.0)
-        for flag, value in (("bidirectional", bidirectional), ("mutual_filter", mutual_filter)):
+        for flag, value in (("use_cam", use_cam), ("rhm", rhm), ("bidirectional", bidirectional),
+                            ("mutual_filter", mutual_filter)):
             if not isinstance(value, bool):
                 raise ValueError(f"{flag}: expected True or False, got {value!r}")
         if hyperpixel_norm not in HYPERPIXEL_NORMS:
@@ -342,7 +339,10 @@ class SCOT:
         self.device = check_device(device)
         self.backbone = get_backbone(backbone, weights=weights, device=self.device)
         if layers is not None:
-            self.backbone.check_layer_ids(layers)  # ValueError naming the valid range
+            try:
+                layers = self.backbone.check_layer_ids(layers)
+            except ValueError as e:
+                raise ValueError(f"layers: {e}") from None
         companions = [get_backbone(name, device=self.device) for name in ensemble]
         self.extractor = HyperpixelExtractor(
             self.backbone, layers if layers is not None else self.backbone.default_layers, use_cam,
