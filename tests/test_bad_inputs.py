@@ -375,6 +375,8 @@ API_CASES = [
             ("ensemble", "list of backbone names")),
     ApiCase("api-ensemble-unknown", lambda d, m: SCOT(ensemble=["lite2"]), ValueError,
             ("ensemble", "'lite2'", "efficientnet-lite2")),
+    ApiCase("api-keypoints-not-numbers", lambda d, m: m.match(SAMPLES / DUCK_A, SAMPLES / DUCK_B).transfer("abc"),
+            ValueError, ("keypoints", "(K, 2) numbers", "'abc'")),
     ApiCase("api-layers-a-string", lambda d, m: SCOT(layers="2,8"), ValueError,
             ("layers", "efficientnet-lite0", "0..15", "'2,8'")),
     ApiCase("api-layers-floats", lambda d, m: SCOT(layers=[2.5, 8]), ValueError, ("layers", "[2.5, 8]")),

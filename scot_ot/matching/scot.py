@@ -20,6 +20,7 @@ the OT problem to convergence.
 from __future__ import annotations
 
 import copy
+import reprlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -73,7 +74,10 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
     if isinstance(keypoints, torch.Tensor):
         kps = keypoints.detach().float().cpu()
     else:
-        kps = torch.from_numpy(np.array(keypoints, dtype=np.float32))
+        try:
+            kps = torch.from_numpy(np.array(keypoints, dtype=np.float32))
+        except (TypeError, ValueError):
+            raise ValueError(f"keypoints: expected (K, 2) numbers, got {reprlib.repr(keypoints)}") from None
     if kps.dim() != 2 or kps.shape[1] != 2:
         raise ValueError(f"keypoints: expected shape (K, 2), got {tuple(kps.shape)}")
     if not bool(torch.isfinite(kps).all()):
