@@ -269,13 +269,13 @@ def check_dtypes(name: str, seed: int) -> None:
 
 def check_device(device_type: str, name: str, seed: int) -> None:
     """Runs on a device it declares (``cpu`` of an interpreter-only solver: with the interpreter,
-    else a ``RuntimeError``); results stay on the cost's device."""
+    else a ``SolverUnavailableError``); results stay on the cost's device."""
     info = solver_info(name)
     if device_type == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device here")
     C, a, b = (x.to(device_type) for x in problem(seed, base_dtype(info)))
     if device_type == "cpu" and info.devices.cpu_interpreter_only and os.environ.get("TRITON_INTERPRET") != "1":
-        with pytest.raises(RuntimeError):
+        with pytest.raises(scot_ot.SolverUnavailableError):
             scot_ot.solve(C, a, b, solver=name, **options(info))
         return
     r = run(name, C, a, b, max_iter=20, tol=0)
