@@ -68,6 +68,14 @@ the layer sets {default, + the last stride-8 block, - the stride-32 blocks, both
 changes} (``LAYER_SETS``, applied to all three backbones) x transfer {mean x 1,
 median x 2 (the preset), median-soft x 2}: 12 candidates, four structures.
 
+Round 9 (fixed after round 8, before any of its runs; ``CANDIDATES[9]``): every rule so
+far places a keypoint by where the hyperpixels around it were matched; none looks at the
+keypoint's own features. ``transfer_refine = R`` moves each transferred keypoint to the
+target hyperpixel within R grid cells whose features are most like the source features
+sampled at the keypoint. The median x 2 (the preset) and consensus s = 1 with R in {0,
+1, 2, 3}, and round 4's mean x 1 (the reference whose transfer time the pipeline
+timing holds): 9 candidates, one structure.
+
 Protocol (``select``, the same for every round):
 
 1. every candidate runs on all 360 PF-WILLOW-dev pairs (per-pair PCK at 0.05 /
@@ -112,8 +120,11 @@ Run (one worker per unit, two at a time; then the timings alone; then the select
     python benchmarks/accuracy.py --round 8 --unit side400-lite0+lite1+lite2-joint-s4-8-16-32 &   # ... each
     python benchmarks/accuracy.py --round 8 --timing --select                                   # unit, two at a time
 
+    python benchmarks/accuracy.py --round 9 --unit side400-lite0+lite1+lite2-joint --threads 2
+    python benchmarks/accuracy.py --round 9 --timing --select
+
 Records: round 1 in ``benchmarks/results/accuracy/`` (``side-<S>.json``,
-``pipeline-*.json``, ``accuracy.json``), rounds 2 to 8 in ``benchmarks/results/accuracy/round<R>/``.
+``pipeline-*.json``, ``accuracy.json``), rounds 2 to 9 in ``benchmarks/results/accuracy/round<R>/``.
 """
 
 from __future__ import annotations
@@ -128,7 +139,7 @@ from typing import Dict, List, Tuple
 from common import RESULTS, machine
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "PF-WILLOW-dev"
-OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in (2, 3, 4, 5, 6, 7, 8)}}
+OUT = {1: RESULTS / "accuracy", **{r: RESULTS / "accuracy" / f"round{r}" for r in range(2, 10)}}
 TIME_BUDGET_S = 2.0
 MEMORY_BUDGET_MB = 4096
 ALPHAS = ("0.05", "0.1", "0.15")
@@ -225,9 +236,22 @@ def _round8() -> Dict[str, dict]:
     return out
 
 
+#: round 9's appearance-refinement windows, in target grid cells (4 px at 400 px)
+REFINE_RADII = (1, 2, 3)
+
+
+def _round9() -> Dict[str, dict]:
+    out = _transfers([("scot", 1.0), ("median", 2.0), ("consensus", 1.0)])
+    for rule, box in (("median", 2.0), ("consensus", 1.0)):
+        for radius in REFINE_RADII:
+            out[f"{STEM}-{rule}-box{box:g}-refine{radius}-bi"] = {**MATCHING, "transfer": rule, "transfer_box": box,
+                                                                 "transfer_refine": radius}
+    return out
+
+
 #: round -> candidate name -> SCOT arguments (everything else: the faithful defaults)
 CANDIDATES: Dict[int, Dict[str, dict]] = {1: _round1(), 2: _round2(), 3: _round3(), 4: _round4(), 5: _round5(),
-                                          6: _round6(), 7: _round7(), 8: _round8()}
+                                          6: _round6(), 7: _round7(), 8: _round8(), 9: _round9()}
 
 
 def unit_of(config: dict) -> str:
@@ -271,10 +295,10 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
 
     names = units(rnd)[unit]
     configs = [CANDIDATES[rnd][n] for n in names]
-    varied = ("transfer", "transfer_box", "bidirectional", "eps", "cost_precision", "exponent", "mutual_filter")
+    varied = ("transfer", "transfer_box", "transfer_refine", "bidirectional", "eps", "cost_precision", "exponent", "mutual_filter")
     base = {k: v for k, v in configs[0].items() if k not in varied}
     directions = sorted({c["bidirectional"] for c in configs})
-    rules = sorted({(c["transfer"], c.get("transfer_box", 1.0)) for c in configs})
+    rules = sorted({(c["transfer"], c.get("transfer_box", 1.0), c.get("transfer_refine", 0)) for c in configs})
     filters = sorted({c.get("mutual_filter", False) for c in configs})
     # what the plan and the scores depend on: (cost precision, eps, exponent), the cost once per precision
     settings = sorted({(c.get("cost_precision", "full"), c.get("eps", 0.05), c.get("exponent", 0.5))
@@ -326,16 +350,17 @@ def run_unit(rnd: int, unit: str, every: int = 1, out_dir: Path = None) -> Path:
             for bi, mutual in ((b, m) for b in directions for m in filters):
                 final = soft_mutual_filter(scores[bi].clone()) if mutual else scores[bi]
                 conf, matches = final.max(dim=1)
-                for rule, box in rules:
+                for rule, box, radius in rules:
                     name = next((n for n, c in zip(names, configs) if c["bidirectional"] == bi
                                  and c["transfer"] == rule and c.get("transfer_box", 1.0) == box
+                                 and c.get("transfer_refine", 0) == radius
                                  and c.get("eps", 0.05) == eps
                                  and c.get("cost_precision", "full") == prec
                                  and c.get("exponent", 0.5) == exponent
                                  and c.get("mutual_filter", False) == mutual), None)
                     if name is None:
                         continue
-                    corr = Correspondence(hs, ht, plan, final, matches, conf, res, {}, rule, box)
+                    corr = Correspondence(hs, ht, plan, final, matches, conf, res, {}, rule, box, radius)
                     t = time.perf_counter()
                     pred = corr.transfer(pair.src_kps).numpy()
                     transfer_s = time.perf_counter() - t
@@ -368,7 +393,7 @@ def run_timing(rnd: int, out_dir: Path, pairs: int = 20) -> None:
             continue
         done.add(name)
         scot = {k: v for k, v in config.items()
-                if k not in ("transfer", "transfer_box", "eps", "exponent", "solver")}  # same work
+                if k not in ("transfer", "transfer_box", "transfer_refine", "eps", "exponent", "solver")}  # same work
         subprocess.run([sys.executable, str(here / "pipeline.py"), "--root", str(DATA), "--pairs", str(pairs),
                         "--solver", config.get("solver", "pot-sinkhorn"),
                         "--scot", json.dumps(scot), "--out", str(out_dir / f"pipeline-{name}.json")], check=True)
@@ -390,7 +415,8 @@ def candidate_table(rnd: int, records: List[dict], timings: Dict[str, dict]) -> 
                 c["transfer_s"].append(r["transfer_s"])
     scot_transfer = {}
     for name, c in out.items():
-        if c["config"]["transfer"] == "scot" and c["config"].get("transfer_box", 1.0) == 1.0:  # the pipeline's
+        if (c["config"]["transfer"] == "scot" and c["config"].get("transfer_box", 1.0) == 1.0
+                and not c["config"].get("transfer_refine", 0)):  # the pipeline's
             scot_transfer[structure(c["config"])] = statistics.mean(c["transfer_s"])
     for c in out.values():
         ps = list(c["pairs"].values())

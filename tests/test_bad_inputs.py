@@ -398,6 +398,8 @@ API_CASES = [
             ("mutual_filter", "True or False", "'yes'")),
     ApiCase("api-transfer-box-negative", lambda d, m: SCOT(transfer_box=-1.0), ValueError,
             ("transfer_box", "finite number >= 0", "-1.0")),
+    ApiCase("api-transfer-refine-not-whole", lambda d, m: SCOT(transfer_refine=1.5), ValueError,
+            ("transfer_refine", "integer >= 0", "1.5")),
     ApiCase("api-exponent-none", lambda d, m: SCOT(exponent=None), ValueError,
             ("exponent", "finite number > 0", "None")),
     ApiCase("api-tol-negative", lambda d, m: SCOT(tol=-1), ValueError, ("tol",)),

@@ -33,7 +33,7 @@ from .hyperpixels import HYPERPIXEL_NORMS, HyperpixelExtractor, Hyperpixels
 from .image import ImageError, ImageLike, load_image, resize_longest
 from .mutual import soft_mutual_filter
 from .rhm import regularized_hough_matching
-from .transfer import TRANSFER_RULES, soft_offsets
+from .transfer import TRANSFER_RULES, refine_keypoints, soft_offsets
 
 #: the smallest image side (after resizing) the stride-32 backbones accept
 MIN_SIDE = 32
@@ -209,8 +209,10 @@ class Correspondence:
     RHM-rescored plan; ``matches`` (N,) the best target hyperpixel of each source
     hyperpixel and ``confidences`` (N,) its score. Coordinates of boxes/centres are
     in resized pixels; :meth:`transfer` works in original pixels, with the keypoint
-    transfer rule ``transfer_rule`` (one of :data:`.transfer.TRANSFER_RULES`) and its
-    voting boxes scaled by ``transfer_box`` (:func:`.transfer.voters`).
+    transfer rule ``transfer_rule`` (one of :data:`.transfer.TRANSFER_RULES`), its
+    voting boxes scaled by ``transfer_box`` (:func:`.transfer.voters`) and, for
+    ``transfer_refine`` > 0, the appearance refinement within that many cells
+    (:func:`.transfer.refine_keypoints`).
     """
 
     src: Hyperpixels
@@ -223,6 +225,7 @@ class Correspondence:
     timings: Dict[str, float] = field(default_factory=dict)
     transfer_rule: str = "scot"
     transfer_box: float = 1.0
+    transfer_refine: int = 0
 
     def transfer(self, keypoints) -> torch.Tensor:
         """Map (K, 2) xy keypoints of the original source image to the original target image.
@@ -246,6 +249,9 @@ class Correspondence:
                    if rule.refined else None)
         moved = rule.vote(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(), matches,
                           box_scale=self.transfer_box, offsets=offsets, **extra)  # (K, 2), resized target pixels
+        moved = refine_keypoints(kps * src_scale, moved, self.src.feats.detach().cpu(), self.src.centres.cpu(),
+                                 self.src.grid, self.trg.feats.detach().cpu(), self.trg.centres.cpu(), self.trg.grid,
+                                 self.transfer_refine)
         return moved / trg_scale
 
 
@@ -269,6 +275,9 @@ class SCOT:
     transfer_box : the voting boxes are the hyperpixels' receptive fields scaled by this
         factor about their centres (1: SCOT's; 0: the nearest hyperpixel alone;
         :func:`.transfer.voters`).
+    transfer_refine : 0 (SCOT) or R > 0: each transferred keypoint then moves to the target
+        hyperpixel within R grid cells whose features are most like the source features at
+        the keypoint (:func:`.transfer.refine_keypoints`).
     bidirectional : also match target to source and keep the geometric mean of both
         directions' scores (:meth:`match_hyperpixels`).
     hyperpixel_norm : ``"joint"`` (SCOT: one L2 norm over all layers) or ``"layer"``
@@ -309,6 +318,7 @@ class SCOT:
         image_side: int = 300,
         transfer: str = "scot",
         transfer_box: float = 1.0,
+        transfer_refine: int = 0,
         bidirectional: bool = False,
         hyperpixel_norm: str = "joint",
         ensemble: Sequence[str] = (),
@@ -329,6 +339,8 @@ class SCOT:
         if transfer not in TRANSFER_RULES:
             raise ValueError(f"transfer: expected one of {', '.join(TRANSFER_RULES)}, got {transfer!r}")
         check_number("transfer_box", transfer_box, at_least=0.0)
+        if not isinstance(transfer_refine, (int, np.integer)) or isinstance(transfer_refine, bool) or transfer_refine < 0:
+            raise ValueError(f"transfer_refine: must be an integer >= 0 (grid cells), got {transfer_refine!r}")
         for flag, value in (("use_cam", use_cam), ("rhm", rhm), ("bidirectional", bidirectional),
                             ("mutual_filter", mutual_filter)):
             if not isinstance(value, bool):
@@ -359,6 +371,7 @@ class SCOT:
         self.image_side = image_side
         self.transfer = transfer
         self.transfer_box = float(transfer_box)
+        self.transfer_refine = int(transfer_refine)
         self.bidirectional = bidirectional
         self.cost_precision = cost_precision
         self.mutual_filter = mutual_filter
@@ -393,7 +406,7 @@ class SCOT:
         return {"preset": self.preset_name, "backbone": self.backbone.name, "layers": list(self.extractor.layers),
                 "image_side": self.image_side, "use_cam": self.extractor.use_cam, **self.ot_args,
                 "rhm": self.rhm, "exponent": self.exponent, "transfer": self.transfer,
-                "transfer_box": self.transfer_box,
+                "transfer_box": self.transfer_box, "transfer_refine": self.transfer_refine,
                 "bidirectional": self.bidirectional, "hyperpixel_norm": self.extractor.norm,
                 "ensemble": [b.name for b in self.extractor.companions],
                 "ensemble_layers": [list(ids) for ids in self.extractor.companion_layers],
@@ -489,7 +502,7 @@ class SCOT:
             timings["rhm"] += time.perf_counter() - t
         confidences, matches = scores.max(dim=1)
         return Correspondence(src, trg, plan, scores, matches, confidences, res, timings, self.transfer,
-                              self.transfer_box)
+                              self.transfer_box, self.transfer_refine)
 
     def cost(self, src: Hyperpixels, trg: Hyperpixels, timings: Dict[str, float]) -> torch.Tensor:
         """SCOT's step 3: the (N, M) cosine cost (:func:`cosine_cost` at ``cost_precision``),

@@ -36,6 +36,12 @@ by ``box_scale`` (:func:`voters`): above 1 more, farther hyperpixels vote, below
 fewer and nearer ones. A keypoint that no box contains (at the very border, or any
 keypoint with ``box_scale = 0``) uses the box whose centre is nearest instead: scale 0
 is the nearest-hyperpixel transfer.
+
+After any rule, ``transfer_refine = R > 0`` cells moves each transferred keypoint by
+appearance (:func:`refine_keypoints`): to the target hyperpixel, among those within
+``R`` grid cells of it, whose features are most like the source features at the
+keypoint itself. The votes place a keypoint by where its neighbourhood went; the
+refinement asks where the keypoint's own features are.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 
 def voters(kps: torch.Tensor, src_boxes: torch.Tensor, box_scale: float = 1.0) -> torch.Tensor:
@@ -163,6 +170,71 @@ def soft_offsets(scores: torch.Tensor, matches: torch.Tensor, trg_centres: torch
     total = s.sum(dim=1, keepdim=True)  # (N, 1)
     mean = (s[..., None] * rel).sum(dim=1) / total.clamp_min(torch.finfo(s.dtype).tiny)
     return torch.where(total > 0, mean, torch.zeros_like(mean))
+
+
+def _grid_position(points: torch.Tensor, centres: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """(K, 2) xy ``points`` in grid units of a regular grid of (N, 2) ``centres`` (row-major, ``grid`` = (h, w)):
+    centre ``(x, y)`` of cell ``(r, c)`` is ``o + jump * (c, r)``, so a point is ``(p - o) / jump``."""
+    h, w = grid
+    origin = centres[0]
+    jump = torch.stack([centres[min(1, w - 1), 0] - origin[0] if w > 1 else centres.new_tensor(1.0),
+                        centres[w * min(1, h - 1), 1] - origin[1] if h > 1 else centres.new_tensor(1.0)])
+    return (points - origin) / jump
+
+
+def sample_features(feats: torch.Tensor, centres: torch.Tensor, grid: Tuple[int, int],
+                    points: torch.Tensor) -> torch.Tensor:
+    """(K, D) L2-normalised features at (K, 2) xy ``points``: bilinear between the four nearest cells.
+
+    With the point at grid position :math:`(u, v)` (clamped to the grid), cells
+    :math:`(\\lfloor v \\rfloor + a, \\lfloor u \\rfloor + b)` for :math:`a, b \\in \\{0, 1\\}`
+    weigh :math:`(1 - |v - r|)(1 - |u - c|)`; at a cell centre the result is that cell's
+    features. ``feats`` (N, D) are the hyperpixels' features on the grid (row-major).
+    """
+    h, w = grid
+    uv = _grid_position(points.to(centres.dtype), centres, grid)
+    u = uv[:, 0].clamp(0, w - 1)
+    v = uv[:, 1].clamp(0, h - 1)
+    c0, r0 = u.floor().long().clamp(max=max(w - 2, 0)), v.floor().long().clamp(max=max(h - 2, 0))
+    out = torch.zeros(len(points), feats.shape[1], dtype=torch.float32)
+    for a in (0, 1):
+        for b in (0, 1):
+            r, c = (r0 + a).clamp(max=h - 1), (c0 + b).clamp(max=w - 1)
+            weight = (1 - (v - r).abs()).clamp_min(0) * (1 - (u - c).abs()).clamp_min(0)  # (K,)
+            out += weight[:, None] * feats[r * w + c].float()
+    return F.normalize(out, dim=1)
+
+
+def refine_keypoints(kps: torch.Tensor, moved: torch.Tensor, src_feats: torch.Tensor, src_centres: torch.Tensor,
+                     src_grid: Tuple[int, int], trg_feats: torch.Tensor, trg_centres: torch.Tensor,
+                     trg_grid: Tuple[int, int], radius: int) -> torch.Tensor:
+    """Move (K, 2) transferred keypoints ``moved`` to the most similar target hyperpixel within ``radius`` cells.
+
+    With :math:`f(k)` the source features at the source keypoint ``k``
+    (:func:`sample_features`), :math:`n(\\hat k)` the target cell nearest the transferred
+    keypoint and :math:`W` the cells within ``radius`` rows and columns of it (clipped to
+    the grid):
+
+    .. math:: \\hat k' = c_{j^*}, \\qquad j^* = \\arg\\max_{j \\in W} \\langle f(k), f^t_j \\rangle
+
+    (``c``: target centres; features L2-normalised, so the cosine). ``radius = 0``
+    returns ``moved`` unchanged. Points in resized pixels of each image.
+    """
+    if radius == 0:
+        return moved
+    h, w = trg_grid
+    f = sample_features(src_feats, src_centres, src_grid, kps)  # (K, D)
+    cell = _grid_position(moved.to(trg_centres.dtype), trg_centres, trg_grid).round().long()  # (K, 2) = (c, r)
+    c, r = cell[:, 0].clamp(0, w - 1), cell[:, 1].clamp(0, h - 1)
+    d = torch.arange(-radius, radius + 1)
+    dr, dc = torch.meshgrid(d, d, indexing="ij")
+    rr, cc = r[:, None] + dr.reshape(1, -1), c[:, None] + dc.reshape(1, -1)  # (K, (2R+1)^2)
+    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    cells = rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1)
+    sim = torch.einsum("kwd,kd->kw", trg_feats[cells].float(), f)  # (K, (2R+1)^2)
+    sim = sim.masked_fill(~valid, float("-inf"))
+    best = cells.gather(1, sim.argmax(dim=1, keepdim=True))[:, 0]  # (K,)
+    return trg_centres[best].to(moved.dtype)
 
 
 @dataclass(frozen=True)
