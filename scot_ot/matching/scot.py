@@ -90,8 +90,9 @@ def check_keypoints(keypoints, width: float, height: float) -> torch.Tensor:
 #: named configurations for :meth:`SCOT.preset`: constructor arguments over the defaults
 PRESETS: Dict[str, Dict[str, object]] = {
     "faithful": {},  # SCOT's official code (docs/fidelity.md)
-    # chosen by round 5 of the study of docs/accuracy.md and kept by rounds 6 to 8
-    # (benchmarks/results/accuracy/round8/accuracy.json; round 8 kept each backbone's default layers):
+    # chosen by round 5 of the study of docs/accuracy.md and kept by rounds 6 to 9
+    # (benchmarks/results/accuracy/round9/accuracy.json; round 8 kept each backbone's default layers,
+    # round 9 no transfer_refine):
     # Lite0 + Lite1 + Lite2 hyperpixels at 400 px, the cost's product in bfloat16 (fast on CPUs with
     # AVX512-BF16 and on GPUs), both directions, the soft mutual filter, SCOT's one Sinkhorn iteration
     # computed in place by matrix-scaling, keypoints moved by the median vote of boxes twice SCOT's size
