@@ -21,6 +21,13 @@ checks it implies; ``test_contract`` runs them for every name in
 (which registers itself), runs the checks its capabilities imply and unregisters it.
 Problems are fresh (hypothesis draws the seed); costs are uniform in [0, 1] (no ties,
 so exact plans are unique), marginals random and positive, ``eps = 0.1``.
+
+The problems live on the CPU. A solver that runs on the CPU only in the Triton
+interpreter (``fused``) gets it from conftest.py on a machine without CUDA; on a CUDA
+machine conftest leaves the interpreter off (so that tests/test_fused.py runs the
+kernels on the GPU), and each of that solver's cases on CPU problems runs in a child
+pytest with the interpreter on (:func:`in_child_interpreter`), so the contract is checked
+the same way everywhere; its ``device-cuda`` case runs natively on the GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import functools
 import math
 import os
 import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -510,9 +519,25 @@ def _examples(info: SolverInfo) -> int:
     return 2 if slow else 4
 
 
+def in_child_interpreter(test_id: str) -> None:
+    """Run the test ``test_id`` of this file in a child pytest with ``TRITON_INTERPRET=1`` (set before
+    anything imports triton); it must pass, not be skipped or deselected."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                          f"{Path(__file__).resolve()}::{test_id}"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=1800)
+    tail = (out.stdout[-4000:] + out.stderr[-2000:]).strip()
+    assert out.returncode == 0 and re.search(r"\b1 passed\b", out.stdout) and "skipped" not in out.stdout, tail
+
+
 @pytest.mark.filterwarnings("ignore:.*umerical errors:UserWarning")  # POT's own, let through
 @pytest.mark.parametrize("name, cid, check", CASES, ids=[f"{n}:{c}" for n, c, _ in CASES])
 def test_contract(name, cid, check):
+    if (solver_info(name).devices.cpu_interpreter_only and os.environ.get("TRITON_INTERPRET") != "1"
+            and cid != "device-cuda"):  # a CUDA machine: CPU problems in a child (see the module docstring)
+        in_child_interpreter(f"test_contract[{name}:{cid}]")
+        return
+
     @settings(max_examples=_examples(solver_info(name)), deadline=None,
               suppress_health_check=[HealthCheck.too_slow])
     @given(seed=seeds)
@@ -520,6 +545,15 @@ def test_contract(name, cid, check):
         check(name, seed)
 
     holds()
+
+
+def test_an_interpreter_only_solvers_case_runs_in_a_child_interpreter():
+    """The route a CUDA machine takes for ``fused``'s contract cases works here too: one case, in a child."""
+    fused = [cid for n, cid, _ in CASES if n == "fused"]
+    assert "validation" in fused and solver_info("fused").devices.cpu_interpreter_only
+    in_child_interpreter("test_contract[fused:validation]")
+    with pytest.raises(AssertionError):  # a wrong id runs nothing, and that is a failure
+        in_child_interpreter("test_contract[fused:no-such-check]")
 
 
 def test_every_registered_solver_gets_the_contract():
