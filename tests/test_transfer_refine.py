@@ -52,6 +52,11 @@ def test_features_between_cells_are_the_normalised_bilinear_mix():
     # beyond the grid: clamped to the border cell
     outside = torch.tensor([[-50.0, -50.0]])
     assert torch.allclose(sample_features(feats, centres, (h, w), outside)[0], feats[0], atol=1e-6)
+    # a grid one cell wide: bilinear along the other axis only
+    column = grid_centres(h, 1, origin=(2.0, 2.0))
+    got = sample_features(feats[:h], column, (h, 1), torch.tensor([[7.0, 8.0]]))[0]  # row 1.5
+    mix = feats[1] + feats[2]
+    assert torch.allclose(got, mix / mix.norm(), atol=1e-6)
 
 
 def brute_force(kps, moved, src_feats, src_centres, src_grid, trg_feats, trg_centres, trg_grid, radius):
@@ -75,15 +80,15 @@ def brute_force(kps, moved, src_feats, src_centres, src_grid, trg_feats, trg_cen
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**31 - 1), h=st.integers(1, 8), w=st.integers(1, 8), radius=st.integers(1, 3),
-       k=st.integers(1, 6))
-def test_refinement_is_the_best_cosine_within_the_window(seed, h, w, radius, k):
+@given(seed=st.integers(0, 2**31 - 1), h=st.integers(1, 8), w=st.integers(1, 8), sh=st.integers(1, 8),
+       sw=st.integers(1, 8), radius=st.integers(1, 3), k=st.integers(1, 6))
+def test_refinement_is_the_best_cosine_within_the_window(seed, h, w, sh, sw, radius, k):
     gen = torch.Generator().manual_seed(seed)
-    src_grid, trg_grid = (h + 1, w + 2), (h, w)
+    src_grid, trg_grid = (sh, sw), (h, w)
     src_centres = grid_centres(*src_grid, origin=(1.5, 2.5), jump=(3.0, 3.0))
     trg_centres = grid_centres(*trg_grid, origin=(3.5, 1.5), jump=(4.0, 4.0))
     src_feats, trg_feats = unit_rows(len(src_centres), 12, gen), unit_rows(len(trg_centres), 12, gen)
-    kps = torch.rand(k, 2, generator=gen) * torch.tensor([3.0 * (w + 2), 3.0 * (h + 1)])
+    kps = torch.rand(k, 2, generator=gen) * torch.tensor([3.0 * sw, 3.0 * sh])
     # transferred points anywhere over the target image, and a little beyond it
     moved = torch.rand(k, 2, generator=gen) * torch.tensor([4.0 * w + 8, 4.0 * h + 8]) - 2.0
     got = refine_keypoints(kps, moved, src_feats, src_centres, src_grid, trg_feats, trg_centres, trg_grid, radius)
