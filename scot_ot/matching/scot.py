@@ -250,9 +250,10 @@ class Correspondence:
                    if rule.refined else None)
         moved = rule.vote(kps * src_scale, self.src.boxes.cpu(), self.trg.boxes.cpu(), matches,
                           box_scale=self.transfer_box, offsets=offsets, **extra)  # (K, 2), resized target pixels
-        moved = refine_keypoints(kps * src_scale, moved, self.src.feats.detach().cpu(), self.src.centres.cpu(),
-                                 self.src.grid, self.trg.feats.detach().cpu(), self.trg.centres.cpu(), self.trg.grid,
-                                 self.transfer_refine)
+        if self.transfer_refine:
+            moved = refine_keypoints(kps * src_scale, moved, self.src.feats.detach().cpu(), self.src.centres.cpu(),
+                                     self.src.grid, self.trg.feats.detach().cpu(), self.trg.centres.cpu(),
+                                     self.trg.grid, self.transfer_refine)
         return moved / trg_scale
 
 

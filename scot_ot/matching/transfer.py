@@ -146,6 +146,19 @@ def consensus_transfer(kps: torch.Tensor, src_boxes: torch.Tensor, trg_boxes: to
     return kps + torch.where(count > 0, mean, located)
 
 
+def window_cells(rows: torch.Tensor, cols: torch.Tensor, grid: Tuple[int, int],
+                 radius: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The cells within ``radius`` rows and columns of each cell ``(rows, cols)`` (K,) of a row-major
+    ``grid`` (h, w): their flat ids (K, (2 radius + 1)^2), clamped onto the grid, and whether each
+    lies on it (the same shape, bool)."""
+    h, w = grid
+    d = torch.arange(-radius, radius + 1, device=rows.device)
+    dr, dc = torch.meshgrid(d, d, indexing="ij")
+    rr, cc = rows[:, None] + dr.reshape(1, -1), cols[:, None] + dc.reshape(1, -1)
+    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
+    return rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1), valid
+
+
 def soft_offsets(scores: torch.Tensor, matches: torch.Tensor, trg_centres: torch.Tensor,
                  trg_grid: Tuple[int, int], radius: int = 1) -> torch.Tensor:
     """(N, 2) kernel soft-argmax refinements of each match, in target pixels.
@@ -158,13 +171,8 @@ def soft_offsets(scores: torch.Tensor, matches: torch.Tensor, trg_centres: torch
     with scores ``s >= 0`` and centres ``c``: the score-weighted mean position around
     the best match, minus the match itself (0 where the window's scores sum to 0).
     """
-    h, w = trg_grid
-    r, c = matches // w, matches % w  # (N,)
-    d = torch.arange(-radius, radius + 1, device=matches.device)
-    dr, dc = torch.meshgrid(d, d, indexing="ij")
-    rr, cc = r[:, None] + dr.reshape(1, -1), c[:, None] + dc.reshape(1, -1)  # (N, (2r+1)^2)
-    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-    cells = (rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1))  # (N, (2r+1)^2) target ids
+    w = trg_grid[1]
+    cells, valid = window_cells(matches // w, matches % w, trg_grid, radius)  # (N, (2r+1)^2) target ids
     s = torch.gather(scores, 1, cells).clamp_min(0) * valid  # (N, (2r+1)^2)
     rel = trg_centres[cells] - trg_centres[matches][:, None, :]  # (N, (2r+1)^2, 2)
     total = s.sum(dim=1, keepdim=True)  # (N, 1)
@@ -225,12 +233,7 @@ def refine_keypoints(kps: torch.Tensor, moved: torch.Tensor, src_feats: torch.Te
     h, w = trg_grid
     f = sample_features(src_feats, src_centres, src_grid, kps)  # (K, D)
     cell = _grid_position(moved.to(trg_centres.dtype), trg_centres, trg_grid).round().long()  # (K, 2) = (c, r)
-    c, r = cell[:, 0].clamp(0, w - 1), cell[:, 1].clamp(0, h - 1)
-    d = torch.arange(-radius, radius + 1)
-    dr, dc = torch.meshgrid(d, d, indexing="ij")
-    rr, cc = r[:, None] + dr.reshape(1, -1), c[:, None] + dc.reshape(1, -1)  # (K, (2R+1)^2)
-    valid = (rr >= 0) & (rr < h) & (cc >= 0) & (cc < w)
-    cells = rr.clamp(0, h - 1) * w + cc.clamp(0, w - 1)
+    cells, valid = window_cells(cell[:, 1].clamp(0, h - 1), cell[:, 0].clamp(0, w - 1), trg_grid, radius)
     sim = torch.einsum("kwd,kd->kw", trg_feats[cells].float(), f)  # (K, (2R+1)^2)
     sim = sim.masked_fill(~valid, float("-inf"))
     best = cells.gather(1, sim.argmax(dim=1, keepdim=True))[:, 0]  # (K,)
