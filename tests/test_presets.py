@@ -7,6 +7,8 @@ against the constructor they stand for.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,8 +21,8 @@ from hypothesis import strategies as st
 from fast_models import small_scot
 from scot_ot.data import sample_pair
 from scot_ot.matching.scot import PRESETS, SCOT
-from scot_ot.matching.transfer import (TRANSFER_RULES, consensus_transfer, median_transfer, soft_offsets,
-                                       transfer_keypoints, voters)
+from scot_ot.matching.transfer import (TRANSFER_RULES, consensus_transfer, median_transfer, refine_keypoints,
+                                       soft_offsets, transfer_keypoints, voters)
 
 SRC = torch.tensor([[0.0, 0.0, 10.0, 10.0], [6.0, 0.0, 16.0, 10.0], [40.0, 40.0, 50.0, 50.0]])
 TRG = torch.tensor([[100.0, 0.0, 110.0, 10.0], [0.0, 30.0, 10.0, 40.0], [0.0, 0.0, 10.0, 10.0]])
@@ -264,6 +266,27 @@ def test_refined_robust_rules_vote_with_the_soft_offsets(hyperpixels, rule):
     kps = pair.src_kps * torch.tensor(hs.scale)
     want = vote(kps, hs.boxes, ht.boxes, corr.matches, 1.5, offsets) / torch.tensor(ht.scale)
     assert torch.allclose(corr.transfer(pair.src_kps), want)
+
+
+@pytest.mark.parametrize("rule", ["scot", "median"])
+def test_the_appearance_refinement_reaches_the_transfer(hyperpixels, rule):
+    """SCOT(transfer_refine=R) moves the rule's keypoints by :func:`refine_keypoints` on the images' features."""
+    model, hs, ht, pair = hyperpixels
+    refining = copy.copy(model)
+    refining.transfer, refining.transfer_refine = rule, 2
+    corr = refining.match_hyperpixels(hs, ht)
+    assert corr.transfer_refine == 2
+    plain = dataclasses.replace(corr, transfer_refine=0).transfer(pair.src_kps)
+    kps = pair.src_kps * torch.tensor(hs.scale)
+    want = refine_keypoints(kps, plain * torch.tensor(ht.scale), hs.feats, hs.centres, hs.grid, ht.feats,
+                            ht.centres, ht.grid, 2) / torch.tensor(ht.scale)
+    got = corr.transfer(pair.src_kps)
+    assert torch.allclose(got, want) and not torch.allclose(got, plain)
+    # every refined keypoint is a target hyperpixel's centre within 2 cells of the unrefined one
+    resized = got * torch.tensor(ht.scale)
+    assert bool((torch.cdist(resized, ht.centres).min(dim=1).values < 1e-3).all())
+    jump = float(ht.centres[1, 0] - ht.centres[0, 0])
+    assert bool(((resized - plain * torch.tensor(ht.scale)).abs() <= 2.5 * jump + 1e-3).all())
 
 
 def test_transfer_box_is_checked_and_recorded():

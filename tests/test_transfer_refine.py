@@ -3,12 +3,10 @@
 Bilinear feature sampling against its closed form; the refinement against a float64
 brute force over every target cell (fresh random grids, features and points drawn by
 hypothesis); a planted match inside / just outside the window; the model's argument
-checked, recorded, and reaching :meth:`Correspondence.transfer`.
+checked and recorded (tests/test_presets.py: it reaches :meth:`Correspondence.transfer`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
@@ -16,7 +14,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fast_models import small_scot
-from scot_ot.data import sample_pair
 from scot_ot.matching.scot import SCOT
 from scot_ot.matching.transfer import refine_keypoints, sample_features
 
@@ -125,35 +122,6 @@ def test_radius_zero_leaves_the_keypoints_alone():
 
 
 # ----------------------------------------------------------------------------- the model
-@pytest.fixture(scope="module")
-def hyperpixels():
-    model = small_scot(128)
-    pair = sample_pair()
-    return model, model.hyperpixels(pair.src_path), model.hyperpixels(pair.trg_path), pair
-
-
-@pytest.mark.parametrize("rule", ["scot", "median"])
-def test_the_refinement_reaches_the_transfer(hyperpixels, rule):
-    model, hs, ht, pair = hyperpixels
-    model.transfer, model.transfer_refine = rule, 2
-    try:
-        corr = model.match_hyperpixels(hs, ht)
-    finally:
-        model.transfer, model.transfer_refine = "scot", 0
-    assert corr.transfer_refine == 2
-    plain = dataclasses.replace(corr, transfer_refine=0).transfer(pair.src_kps)
-    kps = pair.src_kps * torch.tensor(hs.scale)
-    want = refine_keypoints(kps, plain * torch.tensor(ht.scale), hs.feats, hs.centres, hs.grid, ht.feats,
-                            ht.centres, ht.grid, 2) / torch.tensor(ht.scale)
-    got = corr.transfer(pair.src_kps)
-    assert torch.allclose(got, want) and not torch.allclose(got, plain)
-    # every refined keypoint is a target hyperpixel's centre within 2 cells of the unrefined one
-    resized = got * torch.tensor(ht.scale)
-    assert bool((torch.cdist(resized, ht.centres).min(dim=1).values < 1e-3).all())
-    jump = float(ht.centres[1, 0] - ht.centres[0, 0])
-    assert bool(((resized - plain * torch.tensor(ht.scale)).abs() <= 2.5 * jump + 1e-3).all())
-
-
 def test_transfer_refine_is_checked_and_recorded():
     assert small_scot(96).config()["transfer_refine"] == 0
     for bad in (-1, 1.5, "2", True, None):
